@@ -270,3 +270,29 @@ class ModelCard(BaseModel):
     image_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     version: int = PROTOCOL_VERSION
+
+
+# ----------------------------------------------------------------------------- subjects
+# Worker endpoints: encode (unary EncodeRequest), prefill (unary PrefillRequest), decode (stream
+# DecodeRequest -> TokenDelta), generate (agg; stream GenerateRequest -> TokenDelta), cancel
+# (publish CancelRequest to an instance). A role subject is served in queue group <role>.
+
+ENDPOINTS = ("encode", "prefill", "decode", "generate", "cancel")
+
+
+def model_slug(model: str) -> str:
+    """A NATS-token-safe form of a served model name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in model) or "_"
+
+
+def role_subject(namespace: str, role: Role, model: str, endpoint: str) -> str:
+    return f"{namespace}.{Role(role).value}.{model_slug(model)}.{endpoint}"
+
+
+def instance_prefix(namespace: str, instance_id: str) -> str:
+    return f"{namespace}.inst.{model_slug(instance_id)}"
+
+
+def instance_subject(prefix: str, endpoint: str) -> str:
+    """``prefix`` is InstanceRecord.subject."""
+    return f"{prefix}.{endpoint}"

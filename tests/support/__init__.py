@@ -1,0 +1,1 @@
+"""Helpers shared by tests, benchmarks and end-to-end runs (real servers, no fakes)."""

@@ -1,0 +1,1 @@
+"""Tiny VLM: random checkpoint builder, synthetic data, training, evaluation."""

@@ -1,0 +1,189 @@
+"""Layers shared by our model implementations: norms, MLPs, rotary embeddings, varlen attention.
+
+Numerics follow the Hugging Face reference in fp32 (norms and rotary angles are computed in
+float32 whatever the weight dtype) so that logits match it to ~1e-5.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def activation(name: str) -> nn.Module:
+    """The activation a HF config names (only those our architectures use)."""
+    table = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "quick_gelu": QuickGELU,
+             "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh")}
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(table)}")
+    return table[name]()
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the fast GELU approximation Qwen2-VL's vision MLP uses."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU when act is SiLU."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act_fn = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; cos/sin: [T, D] (broadcast over heads)."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def inverse_frequencies(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """theta^(-2i/dim) for i in [0, dim/2), in float32."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+
+
+class MRotaryEmbedding(nn.Module):
+    """Multimodal RoPE: the head dim's frequency bands are split into (t, h, w) sections
+    (``mrope_section``, summing to head_dim / 2) and each section rotates by its own axis' position.
+
+    Text tokens have equal positions on all three axes, so for them this is plain 1-D RoPE.
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: list[int]) -> None:
+        super().__init__()
+        if sum(mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+        self.head_dim, self.theta, self.mrope_section = head_dim, theta, list(mrope_section)
+        self._inv_freq: torch.Tensor | None = None  # not a buffer: models are built on "meta"
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = inverse_frequencies(self.head_dim, self.theta, device)
+        return self._inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [3, T] (t, h, w) -> (cos, sin), each [T, head_dim] in ``dtype``."""
+        if positions.dim() == 1:
+            positions = positions[None].expand(3, -1)
+        freqs = positions[..., None].float() * self.inv_freq(positions.device)  # [3, T, D/2]
+        # Band j of the head dim takes its angle from the axis its section belongs to.
+        parts = freqs.split(self.mrope_section, dim=-1)
+        freqs = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2-D rotary for vision patches: the first half of the frequency bands rotate by the row
+    index, the second half by the column index (both use the same head_dim/4 frequencies)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.spatial_dim, self.theta = head_dim // 2, theta
+
+    def forward(self, hw_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hw_positions: [N, 2] (row, col) -> (cos, sin) float32, each [N, head_dim]."""
+        inv = inverse_frequencies(self.spatial_dim, self.theta, hw_positions.device)
+        freqs = hw_positions[..., None].float() * inv  # [N, 2, head_dim/4]
+        freqs = freqs.flatten(1)  # [N, head_dim/2]: row bands then column bands
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def vision_hw_positions(grid_thw: list[tuple[int, int, int]], merge: int,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """(row, col) of every patch, in the order the image processor emits patches: frames, then
+    merge-blocks in raster order, then the merge x merge patches of a block in raster order."""
+    out = []
+    for t, h, w in grid_thw:
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        shape = (h // merge, merge, w // merge, merge)
+        rows = rows.reshape(shape).transpose(1, 2).flatten()
+        cols = cols.reshape(shape).transpose(1, 2).flatten()
+        out.append(torch.stack((rows, cols), dim=-1).repeat(t, 1))
+    return torch.cat(out, dim=0)
+
+
+# ----------------------------------------------------------------------------- varlen attention
+
+
+def cu_seqlens_from_lengths(lengths: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """[0, l0, l0+l1, ...] as int32 (the flash-attention varlen convention)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32, device=device).cumsum(0)
+    return cu
+
+
+def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Bool [total, total] mask: token i may attend to token j iff they lie in the same segment."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    return seg[:, None] == seg[None, :]
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Non-causal attention within each [cu[i], cu[i+1]) segment of packed q/k/v ([N, H, D]).
+
+    One SDPA call with a block-diagonal mask: no Python loop over segments. This is the single place
+    to swap in a GPU varlen kernel (flash-attn varlen / torch.nn.attention.varlen) later.
+    """
+    if cu_seqlens.numel() == 2:
+        mask = None  # one segment: plain full attention
+    else:
+        mask = block_diagonal_mask(cu_seqlens, q.shape[0])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+class Conv3dPatchEmbed(nn.Module):
+    """Patch embedding of flattened [N, C * Tp * P * P] patches with a stride == kernel Conv3d.
+
+    The weight keeps the checkpoint's Conv3d shape; since each patch is exactly one kernel window
+    the convolution is a matmul, which is what we run.
+    """
+
+    def __init__(self, in_channels: int, temporal_patch: int, patch: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=(temporal_patch, patch, patch),
+                              stride=(temporal_patch, patch, patch), bias=False)
+        self.dim = dim
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.reshape(self.dim, -1)
+        x = pixel_values.to(weight.dtype).reshape(-1, weight.shape[1])
+        return F.linear(x, weight)

@@ -1,0 +1,269 @@
+"""LLMEngine: requests in, tokens out; paged KV, continuous batching, disaggregation hooks.
+
+The engine knows nothing of NATS, etcd or UCX: workers drive it from one thread and move its
+tensors (``kv_cache`` blocks, MMItem embeddings) themselves. See docs/interfaces.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from common.protocol import KVLayout, SamplingParams
+from workers.engine import config as derived
+from workers.engine.block_manager import BlockManager, OutOfBlocks
+from workers.engine.config import EngineConfig
+from workers.engine.request import (UNKNOWN_TOKEN, ExportedKV, MMItem, Request, Status,
+                                    StepOutput, grid_of, image_hash)
+from workers.engine.runner import ModelRunner
+from workers.engine.sampler import Sampler, make_generator
+from workers.engine.scheduler import Scheduler
+from workers.models.loader import load_model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    """One model, one KV cache, one scheduler. Single-threaded."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.model = load_model(config.model, device=self.device, dtype=self.dtype, parts=config.parts,
+                                load_format=config.load_format, attention_backend=config.attention_backend)
+        self._processor = None
+        self.requests: dict[str, Request] = {}  # waiting or running
+        self.pinned: dict[str, Request] = {}  # prefill-only, done, KV kept for export
+        self.reserved: dict[str, list[int]] = {}  # blocks handed out by reserve_import
+        self._ready: list[StepOutput] = []  # outputs produced outside step() (imports that end at once)
+        self.num_preemptions = 0  # requests recomputed because blocks ran out (a metric)
+        self.kv_cache: torch.Tensor | None = None
+        if self.model.has_lm:
+            self._init_lm()
+
+    def _init_lm(self) -> None:
+        m, cfg = self.model, self.config
+        num_blocks = derived.num_kv_blocks(cfg, m, self.dtype, self.device)
+        self.kv_cache = torch.zeros(num_blocks, m.num_layers, 2, cfg.block_size, m.num_kv_heads,
+                                    m.head_dim, dtype=self.dtype, device=self.device)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(m, self.kv_cache, cfg.block_size, self.device)
+        self.sampler = Sampler()
+        self.eos_ids = derived.eos_token_ids(cfg.model, m.hf_config)
+        # A single request must always fit in the cache, or preempting it could never help.
+        self.max_model_len = min(derived.max_model_len(cfg, m.hf_config), num_blocks * cfg.block_size)
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        m = self.model
+        return KVLayout(num_layers=m.num_layers, block_size=self.config.block_size,
+                        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=self.config.dtype)
+
+    # ------------------------------------------------------------------ vision
+    @property
+    def processor(self):
+        if self._processor is None:
+            from workers.models.processing import ImageProcessor
+            self._processor = ImageProcessor(self.config.model)
+        return self._processor
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> list[MMItem]:
+        """Preprocess + vision tower: one MMItem per image (works on a vision-only engine)."""
+        if not self.model.has_vision:
+            raise ValueError("this engine was built without the vision part: add 'vision' to parts")
+        if not images:
+            return []
+        pixel_values, grid_thw = self.processor.process(list(images))
+        embeds = self.model.encode_images(pixel_values.to(self.device, self.dtype), grid_thw.to(self.device))
+        return [MMItem(embeds=e, num_tokens=int(e.shape[0]), extras={"grid_thw": [int(x) for x in g]},
+                       content_hash=image_hash(im))
+                for e, g, im in zip(embeds, grid_thw.tolist(), images)]
+
+    def _to_items(self, images: Sequence[MMItem | Image.Image]) -> list[MMItem]:
+        """MMItems as given; PIL images encoded here, all in one vision-tower call."""
+        pil = [im for im in images if isinstance(im, Image.Image)]
+        bad = [type(im).__name__ for im in images if not isinstance(im, (Image.Image, MMItem))]
+        if bad:
+            raise ValueError(f"images must be PIL images or MMItems, got {bad}")
+        encoded = iter(self.encode_images(pil)) if pil else iter(())
+        return [next(encoded) if isinstance(im, Image.Image) else im for im in images]
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, token_ids: Sequence[int],
+                    images: Sequence[MMItem | Image.Image] = (), sampling: SamplingParams = SamplingParams(),
+                    prefill_only: bool = False) -> int:
+        """Queue a request; returns its prompt length after image expansion.
+
+        ``token_ids`` hold ONE placeholder (model.image_token_id) per image. Raises ValueError for
+        a prompt that does not fit the context, a placeholder/image count mismatch, bad embeddings.
+        """
+        self._check_new(request_id)
+        placeholders = sum(1 for t in token_ids if t == self.model.image_token_id)
+        if placeholders != len(images):  # checked before any image is encoded
+            raise ValueError(f"prompt has {placeholders} image placeholders but {len(images)} images were given")
+        items = self._to_items(images)
+        expanded = self.model.expand_prompt(list(token_ids), [it.num_tokens for it in items])
+        self._check_prompt(expanded)
+        grids = [grid_of(it) for it in items]
+        positions, delta = self.model.mrope_positions(expanded, grids)
+        req = Request(request_id, expanded, sampling, self._max_tokens(sampling, len(expanded)),
+                      positions=positions, rope_delta=delta, prefill_only=prefill_only,
+                      eos_ids=self.eos_ids, **self._mm_fields(expanded, items))
+        req.generator = make_generator(sampling.seed, self.device)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return len(expanded)
+
+    def _check_new(self, request_id: str) -> None:
+        if not self.model.has_lm:
+            raise ValueError("this engine was built without the LM part: add 'lm' to parts")
+        if request_id in self.requests or request_id in self.pinned or request_id in self.reserved:
+            raise ValueError(f"request id {request_id!r} is already in use")
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token id")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens (after image expansion) but the "
+                             f"context holds {self.max_model_len} (prompt + output): shorten it")
+        bad = [t for t in token_ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.model.vocab_size})")
+
+    def _max_tokens(self, sampling: SamplingParams, prompt_len: int) -> int:
+        return min(sampling.max_tokens, self.max_model_len - prompt_len)
+
+    def _mm_fields(self, expanded: list[int], items: list[MMItem]) -> dict:
+        if not items:
+            return {}
+        for i, it in enumerate(items):
+            if tuple(it.embeds.shape) != (it.num_tokens, self.model.hidden_size):
+                raise ValueError(f"image {i}: embeddings of shape {tuple(it.embeds.shape)}, expected "
+                                 f"({it.num_tokens}, {self.model.hidden_size})")
+        embeds = torch.cat([it.embeds.to(self.device, self.dtype) for it in items])
+        image_id = self.model.image_token_id
+        return {"mm_positions": [i for i, t in enumerate(expanded) if t == image_id], "mm_embeds": embeds}
+
+    # ------------------------------------------------------------------ stepping
+    def has_unfinished(self) -> bool:
+        return bool(self._ready) or (self.model.has_lm and self.scheduler.has_work())
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run the model once, sample; one StepOutput per request that made progress."""
+        outputs, self._ready = self._ready, []
+        if not self.model.has_lm:
+            return outputs
+        sched = self.scheduler.schedule()
+        self.num_preemptions += len(sched.preempted)
+        for req in sched.starved:
+            outputs.append(self._finish(req, "length", []))
+        if not sched.chunks:
+            return outputs
+        logits, reqs = self.runner.execute(sched.chunks)
+        for chunk in sched.chunks:
+            chunk.req.num_computed = chunk.end
+        if reqs:
+            tokens = self.sampler(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+            outputs.extend(self._on_token(r, t) for r, t in zip(reqs, tokens))
+        return outputs
+
+    def _on_token(self, req: Request, token: int) -> StepOutput:
+        reason = req.append_token(token)
+        if reason is not None:
+            return self._finish(req, reason, [token])
+        if req.prefill_only:
+            return self._pin(req, token)
+        return StepOutput(req.request_id, [token], False, None, req.prompt_len)
+
+    def _finish(self, req: Request, reason: str, tokens: list[int]) -> StepOutput:
+        self.scheduler.remove(req)
+        self.block_manager.free(req.block_ids)
+        req.block_ids, req.status = [], Status.FINISHED
+        self.requests.pop(req.request_id, None)
+        extras = {"rope_delta": req.rope_delta} if req.prefill_only else {}
+        return StepOutput(req.request_id, tokens, True, reason, req.prompt_len, extras=extras)
+
+    def _pin(self, req: Request, token: int) -> StepOutput:
+        """A prefill-only request is done: keep its blocks for the decode side to pull."""
+        self.scheduler.remove(req)
+        req.status = Status.PINNED
+        self.requests.pop(req.request_id)
+        self.pinned[req.request_id] = req
+        kv = ExportedKV(block_ids=list(req.block_ids), num_tokens=req.prompt_len)
+        return StepOutput(req.request_id, [token], True, None, req.prompt_len, kv=kv,
+                          extras={"rope_delta": req.rope_delta})
+
+    # ------------------------------------------------------------------ disaggregation
+    def release(self, request_id: str) -> bool:
+        """Unpin a prefill-only request's blocks (after the decode side pulled them)."""
+        req = self.pinned.pop(request_id, None)
+        if req is None:
+            return False
+        self.block_manager.free(req.block_ids)
+        req.block_ids = []
+        return True
+
+    def can_reserve(self, num_tokens: int) -> bool:
+        """Whether reserve_import would get its blocks now."""
+        return self.block_manager.blocks_for(num_tokens) <= self.block_manager.num_free
+
+    def reserve_import(self, request_id: str, num_tokens: int) -> list[int]:
+        """Blocks to copy a remote prefill's KV (``num_tokens`` tokens) into, in token order.
+
+        Raises OutOfBlocks when too few are free right now (retry later), ValueError when the
+        prompt could never fit."""
+        self._check_new(request_id)
+        if not 0 < num_tokens < self.max_model_len:
+            raise ValueError(f"cannot import {num_tokens} tokens: the context holds {self.max_model_len}")
+        blocks = self.block_manager.allocate(self.block_manager.blocks_for(num_tokens))
+        self.reserved[request_id] = blocks
+        return blocks
+
+    def add_imported_request(self, request_id: str, prompt_tokens: int, first_token: int,
+                             sampling: SamplingParams = SamplingParams(), extras: dict | None = None) -> None:
+        """Continue decoding a request whose prompt KV was copied into its reserved blocks.
+
+        Outputs after this are the tokens after ``first_token`` (which the caller already has)."""
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is None:
+            raise ValueError(f"request {request_id!r} has no reserved blocks: call reserve_import first")
+        if self.block_manager.blocks_for(prompt_tokens) != len(blocks):
+            self.block_manager.free(blocks)
+            raise ValueError(f"{prompt_tokens} prompt tokens do not match the {len(blocks)} reserved blocks")
+        req = Request(request_id, [UNKNOWN_TOKEN] * prompt_tokens, sampling,
+                      self._max_tokens(sampling, prompt_tokens),
+                      rope_delta=int((extras or {}).get("rope_delta", 0)), eos_ids=self.eos_ids)
+        req.block_ids, req.num_computed, req.recomputable = blocks, prompt_tokens, False
+        req.generator = make_generator(sampling.seed, self.device)
+        req.status = Status.RUNNING
+        reason = req.append_token(first_token)
+        if reason is not None:  # the first token already ends it: nothing to decode
+            self.block_manager.free(blocks)
+            self._ready.append(StepOutput(request_id, [], True, reason, prompt_tokens))
+            return
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request at any stage and free everything it holds; False if unknown."""
+        if self.release(request_id):
+            return True
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is not None:
+            self.block_manager.free(blocks)
+            return True
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        self.block_manager.free(req.block_ids)
+        req.block_ids, req.status = [], Status.FINISHED
+        return True
+
+
+__all__ = ["LLMEngine", "OutOfBlocks"]

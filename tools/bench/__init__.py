@@ -1,0 +1,1 @@
+"""Benchmark clients for a running Triad cluster (``python -m tools.bench.serve``)."""

@@ -286,6 +286,9 @@ class Registration:
             log.warning("could not deregister %s (%s); its lease will expire", self.key, exc)
 
 
+_MAX_QUEUED_EVENTS = 4096
+
+
 class InstanceWatcher:
     """Live view of the instances under one prefix; see the module docstring for recovery."""
 
@@ -294,7 +297,7 @@ class InstanceWatcher:
         self._prefix = disc.instances_prefix(role)
         self._model = model
         self._snapshot: dict[str, InstanceRecord] = {}
-        self._events: asyncio.Queue[InstanceEvent] = asyncio.Queue()
+        self._events: asyncio.Queue[InstanceEvent] = asyncio.Queue(maxsize=_MAX_QUEUED_EVENTS)
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._epoch: tuple[int, int] = (0, 0)  # (cluster id, raft term) of the last list
@@ -324,7 +327,8 @@ class InstanceWatcher:
         return dict(self._snapshot)
 
     async def events(self) -> AsyncIterator[InstanceEvent]:
-        """Changes in the order they were applied (one consumer)."""
+        """Changes in the order they were applied (one consumer; the oldest are dropped past
+        _MAX_QUEUED_EVENTS unread, so a watcher read only through snapshot() stays bounded)."""
         while True:
             yield await self._events.get()
 
@@ -345,12 +349,18 @@ class InstanceWatcher:
             record = None  # a record that stopped matching counts as gone
         if kind == "put" and record is not None:
             self._snapshot[instance_id] = record
-            self._events.put_nowait(InstanceEvent("put", instance_id, record))
+            self._emit(InstanceEvent("put", instance_id, record))
         elif instance_id in self._snapshot:
             old = self._snapshot.pop(instance_id)
-            self._events.put_nowait(InstanceEvent("delete", instance_id, old))
+            self._emit(InstanceEvent("delete", instance_id, old))
         async with self._changed:
             self._changed.notify_all()
+
+    def _emit(self, event: InstanceEvent) -> None:
+        # A watcher nobody iterates (the frontend only reads snapshots) must not grow without bound.
+        if self._events.full():
+            self._events.get_nowait()
+        self._events.put_nowait(event)
 
     async def _resync(self) -> int:
         """Re-list; turn the difference from the current view into events. Returns the revision."""

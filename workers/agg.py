@@ -1,0 +1,38 @@
+"""Aggregated worker: one process encodes, prefills and decodes.
+
+Handler steps (``handle_generate``):
+  1. validate the GenerateRequest (wrong model -> 404);
+  2. every image: media reference -> fetch/decode -> cached or fresh vision-tower embedding;
+  3. engine.add_request (a prompt too long for the context -> 400);
+  4. stream TokenDeltas as the engine thread produces tokens (the first carries prompt_tokens);
+     a cancel aborts the request in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from common.messaging import StreamContext
+from common.protocol import GenerateRequest, Role
+from workers.base import Worker, client_error
+from workers.engine_loop import add_engine_request, stream_deltas
+
+
+class AggWorker(Worker):
+    role = Role.AGG
+    stream_endpoints = ("generate",)
+    uses_transfer = False
+
+    async def handle_generate(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+        with self.inflight():
+            req: GenerateRequest = self.parse(data, GenerateRequest)
+            items = await self.image_items(req.images)
+            assert self.loop_ is not None
+            try:
+                prompt_len, stream = await self.loop_.add_request(
+                    req.request_id, add_engine_request, req.request_id, req.token_ids, items,
+                    req.sampling, False)
+            except ValueError as exc:
+                raise client_error(400, str(exc)) from exc
+            async for chunk in stream_deltas(self.loop_, req.request_id, stream, prompt_len):
+                yield chunk

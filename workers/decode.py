@@ -1,0 +1,95 @@
+"""Decode worker: a prefilled request's KV handle in, a stream of tokens out.
+
+Handler steps (``handle_decode``):
+  1. validate the DecodeRequest (wrong model or KV layout -> 4xx);
+  2. engine.reserve_import: blocks of our own for the prompt's KV (waits a little while the cache
+     is full, then 503);
+  3. pull the owner's KV blocks over UCX straight into those blocks, then release the owner's
+     handle (its blocks are unpinned there);
+  4. engine.add_imported_request and stream TokenDeltas: the first carries the prefill's first
+     token and prompt_tokens; a cancel aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from common.messaging import RemoteError, StreamContext
+from common.protocol import DecodeRequest, Role
+from workers.base import Worker, client_error
+from workers.engine_loop import stream_deltas
+
+_RESERVE_RETRY_S = 0.05
+
+
+class DecodeWorker(Worker):
+    role = Role.DECODE
+    stream_endpoints = ("decode",)
+    uses_transfer = True
+
+    async def handle_decode(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+        with self.inflight():
+            req: DecodeRequest = self.parse(data, DecodeRequest)
+            await self._import_kv(req)
+            assert self.loop_ is not None
+            try:
+                _, stream = await self.loop_.add_request(req.request_id, _add_imported, req)
+            except ValueError as exc:
+                self.loop_.abort(req.request_id)
+                raise client_error(400, str(exc)) from exc
+            async for chunk in stream_deltas(self.loop_, req.request_id, stream, req.prompt_tokens,
+                                             first=(req.first_token,)):
+                yield chunk
+
+    async def _import_kv(self, req: DecodeRequest) -> None:
+        if req.kv.layout != self.engine.kv_layout:
+            raise client_error(400, f"KV layout {req.kv.layout} of the prefill worker does not "
+                                    f"match this decode worker's {self.engine.kv_layout}; run "
+                                    "both with the same model, dtype and block size")
+        blocks = await self._reserve(req)
+        if len(blocks) != len(req.kv.block_ids):
+            self.loop_.abort(req.request_id)
+            raise client_error(400, f"{len(req.kv.block_ids)} KV blocks offered for "
+                                    f"{req.kv.num_tokens} tokens; expected {len(blocks)}")
+        await self._pull(req, blocks)
+
+    async def _reserve(self, req: DecodeRequest) -> list[int]:
+        from workers.engine.block_manager import OutOfBlocks
+
+        deadline = asyncio.get_running_loop().time() + self.cfg.transfer_timeout_s
+        while True:
+            try:
+                return await self.loop_.call(_reserve, req.request_id, req.kv.num_tokens)
+            except ValueError as exc:
+                raise client_error(400, str(exc)) from exc
+            except OutOfBlocks as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RemoteError(503, "unavailable", "the decode KV cache is full; retry "
+                                      "later or add decode workers") from exc
+                await asyncio.sleep(_RESERVE_RETRY_S)
+
+    async def _pull(self, req: DecodeRequest, blocks: list[int]) -> None:
+        from common.transfer import TransferError
+
+        dst = [self.engine.kv_cache[b] for b in blocks]
+        try:
+            await self.agent.pull(req.kv.owner.ucx_address, req.kv.key, dst)
+        except (TransferError, ValueError) as exc:
+            self.loop_.abort(req.request_id)
+            raise RemoteError(503, "unavailable", f"pulling the KV of {req.request_id} from "
+                              f"{req.kv.owner.instance_id} failed: {exc}") from exc
+        except asyncio.CancelledError:
+            self.loop_.abort(req.request_id)
+            raise
+        self._spawn(self._release_quietly(req.kv.owner.ucx_address, req.kv.key))
+
+
+def _reserve(engine: Any, request_id: str, num_tokens: int) -> list[int]:
+    return engine.reserve_import(request_id, num_tokens)
+
+
+def _add_imported(engine: Any, req: DecodeRequest) -> None:
+    engine.add_imported_request(req.request_id, req.prompt_tokens, req.first_token, req.sampling,
+                                dict(req.extras))

@@ -1,0 +1,225 @@
+"""One thread that owns the engine; asyncio code talks to it through a thread-safe queue.
+
+The engine is single-threaded by contract, and its steps block for milliseconds to seconds, so a
+worker runs it on a thread of its own:
+
+  1. asyncio code submits commands (``call``: run ``fn(engine)`` there, get its result back as an
+     awaitable; ``add_request``: also open an output stream for the request);
+  2. the thread runs every queued command, then one ``engine.step()`` while anything is unfinished,
+     and blocks on the queue when idle;
+  3. each ``StepOutput`` goes to its request's ``asyncio.Queue`` through
+     ``loop.call_soon_threadsafe``; results and exceptions of commands likewise.
+
+Aborts are fire-and-forget commands (``abort``), safe from any thread (e.g. a transfer callback).
+An exception inside ``engine.step()`` is a bug, not a client error: it is logged, every active
+stream gets an error, the requests are aborted, and the thread keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from common.protocol import TokenDelta, encode
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_IDLE_STEP_S = 0.0005
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed while stepping a request (a bug; the request was aborted)."""
+
+
+class RequestAborted(Exception):
+    """The request was aborted (a cancel) while its stream was being read."""
+
+
+class RequestStream:
+    """Async iterator over one request's StepOutputs; ends after the finished one."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+
+class EngineLoop:
+    """Drives ``engine`` from a dedicated thread; construct and use from inside a running loop."""
+
+    def __init__(self, engine: Any, name: str = "engine") -> None:
+        self.engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # touched on the engine thread only
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ------------------------------------------------------------------ asyncio side
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(engine, *args)`` on the engine thread; await the result."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._commands.put((fn, args, fut, None))
+        return fut
+
+    async def add_request(self, request_id: str, submit: Callable[..., Any], *args: Any
+                          ) -> tuple[Any, RequestStream]:
+        """Run ``submit(engine, *args)`` (e.g. a bound ``add_request``) and open the request's
+        output stream in the same engine-thread turn, so no output can be missed."""
+        stream = RequestStream(request_id)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._commands.put((submit, args, fut, stream))
+        return await fut, stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort ``request_id`` (any stage; unknown ids are ignored). Safe from any thread.
+
+        A consumer still iterating the request's stream gets ``RequestAborted``."""
+        self._commands.put((self._abort_on_thread, (request_id,), None, None))
+
+    def submit_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(engine, *args)`` without waiting (errors are logged). Any thread."""
+        self._commands.put((fn, args, None, None))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            busy = self._has_work()
+            try:
+                item = self._commands.get(block=not busy)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                break
+            if item is not None:
+                self._run_command(*item)
+                continue  # drain every queued command before the next step
+            self._step()
+
+    def _has_work(self) -> bool:
+        try:
+            return bool(self.engine.has_unfinished())
+        except Exception:  # noqa: BLE001 (a broken engine must not kill the thread)
+            log.exception("engine.has_unfinished failed")
+            return False
+
+    def _run_command(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                     fut: asyncio.Future[Any] | None, stream: RequestStream | None) -> None:
+        try:
+            result = fn(self.engine, *args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting coroutine)
+            if fut is None:
+                log.exception("engine command %s failed", getattr(fn, "__name__", fn))
+            else:
+                self._loop.call_soon_threadsafe(_set_exception, fut, exc)
+            return
+        if stream is not None:
+            self._streams[stream.request_id] = stream
+        if fut is not None:
+            self._loop.call_soon_threadsafe(_set_result, fut, result)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 (fail the active requests, keep serving)
+            log.exception("engine.step failed; aborting %d active requests", len(self._streams))
+            self._fail_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
+            return
+        if not outputs:
+            time.sleep(_IDLE_STEP_S)  # nothing came out (a chunk, or waiting for blocks): don't spin
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if stream is not None:
+                self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _abort_on_thread(self, engine: Any, request_id: str) -> None:
+        _abort(engine, request_id)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, RequestAborted(request_id))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+            _abort(self.engine, request_id)
+        self._streams.clear()
+
+
+async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: Any, prompt_tokens: int,
+                        first: tuple[int, ...] = ()) -> Any:
+    """StepOutputs -> encoded TokenDeltas; the first carries ``prompt_tokens`` (and ``first``).
+
+    Leaving early (client cancel, worker stopping) aborts the request in the engine."""
+    finished = sent_prompt = False
+    try:
+        if first:
+            yield encode(TokenDelta(request_id=request_id, token_ids=first, prompt_tokens=prompt_tokens))
+            sent_prompt = True
+        async for out in stream:
+            finished = bool(out.finished)
+            yield encode(TokenDelta(request_id=request_id, token_ids=tuple(out.new_token_ids),
+                                    finish_reason=out.finish_reason if finished else None,
+                                    prompt_tokens=None if sent_prompt else prompt_tokens))
+            sent_prompt = True
+    except RequestAborted:
+        finished = True
+        yield encode(TokenDelta(request_id=request_id, token_ids=(), finish_reason="abort"))
+    finally:
+        if not finished and loop is not None:
+            log.info("request %s: stream left before the end (cancel); aborting it", request_id)
+            loop.abort(request_id)
+
+
+def add_engine_request(engine: Any, request_id: str, token_ids: tuple[int, ...], items: list[Any],
+                       sampling: Any, prefill_only: bool) -> int:
+    """Runs on the engine thread (see EngineLoop.add_request)."""
+    return engine.add_request(request_id, list(token_ids), items, sampling, prefill_only=prefill_only)
+
+
+def _abort(engine: Any, request_id: str) -> None:
+    try:
+        engine.abort(request_id)
+    except KeyError:
+        pass  # already finished and freed
+
+
+def _set_result(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

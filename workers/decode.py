@@ -13,6 +13,7 @@ Handler steps (``handle_decode``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,16 +75,24 @@ class DecodeWorker(Worker):
         from common.transfer import TransferError
 
         dst = [self.engine.kv_cache[b] for b in blocks]
+        pull = asyncio.ensure_future(self.agent.pull(req.kv.owner.ucx_address, req.kv.key, dst))
         try:
-            await self.agent.pull(req.kv.owner.ucx_address, req.kv.key, dst)
+            await asyncio.shield(pull)
         except (TransferError, ValueError) as exc:
             self.loop_.abort(req.request_id)
             raise RemoteError(503, "unavailable", f"pulling the KV of {req.request_id} from "
                               f"{req.kv.owner.instance_id} failed: {exc}") from exc
         except asyncio.CancelledError:
-            self.loop_.abort(req.request_id)
+            # UCX may still be writing into our blocks: free them only once the pull has ended
+            # (done, failed or timed out), or another request could get blocks being written.
+            self._spawn(self._abort_after(pull, req.request_id))
             raise
         self._spawn(self._release_quietly(req.kv.owner.ucx_address, req.kv.key))
+
+    async def _abort_after(self, pull: asyncio.Future, request_id: str) -> None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await pull
+        self.loop_.abort(request_id)
 
 
 def _reserve(engine: Any, request_id: str, num_tokens: int) -> list[int]:

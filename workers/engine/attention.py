@@ -182,7 +182,18 @@ class ReferenceAttentionBackend:
         return o.transpose(0, 1)
 
 
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceAttentionBackend}
+def _triton_backend() -> AttentionBackend:
+    """The Triton paged-attention backend (CUDA); imported only when asked for."""
+    try:
+        from workers.engine.attention_triton import TritonAttentionBackend
+    except ImportError as exc:  # no triton: CPU-only torch build
+        raise ValueError(f"attention backend 'triton' needs a CUDA build of torch with triton ({exc}); "
+                         "use 'reference' on this machine") from exc
+    return TritonAttentionBackend()
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {"reference": ReferenceAttentionBackend,
+                                                        "triton": _triton_backend}
 
 
 def register_attention_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:

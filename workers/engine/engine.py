@@ -34,6 +34,7 @@ class LLMEngine:
         self.dtype = _DTYPES[config.dtype]
         self.model = load_model(config.model, device=self.device, dtype=self.dtype, parts=config.parts,
                                 load_format=config.load_format, attention_backend=config.attention_backend)
+        self._prepare_for_cuda()
         self._processor = None
         self.requests: dict[str, Request] = {}  # waiting or running
         self.pinned: dict[str, Request] = {}  # prefill-only, done, KV kept for export
@@ -43,6 +44,20 @@ class LLMEngine:
         self.kv_cache: torch.Tensor | None = None
         if self.model.has_lm:
             self._init_lm()
+
+    def _prepare_for_cuda(self) -> None:
+        """GPU weight layout (exact) and torch.compile of the parts the config asks for (CUDA only,
+        before any graph capture)."""
+        if self.device.type != "cuda":
+            return
+        from workers.engine import cuda_graphs
+        cuda_graphs.fuse_mlps_for_gpu(self.model)
+        if self.config.compile_vision and self.model.has_vision:
+            cuda_graphs.compile_vision_blocks(self.model.visual)
+        # The reference backend syncs and loops in Python: compiling around it would only recompile.
+        if self.config.compile_lm and self.model.has_lm and getattr(self.model.attn_backend,
+                                                                    "supports_cuda_graphs", False):
+            cuda_graphs.compile_decoder_layers(self.model)
 
     def _init_lm(self) -> None:
         m, cfg = self.model, self.config
@@ -56,6 +71,16 @@ class LLMEngine:
         self.eos_ids = derived.eos_token_ids(cfg.model, m.hf_config)
         # A single request must always fit in the cache, or preempting it could never help.
         self.max_model_len = min(derived.max_model_len(cfg, m.hf_config), num_blocks * cfg.block_size)
+        self._init_cuda_graphs()
+
+    def _init_cuda_graphs(self) -> None:
+        """Capture decode CUDA graphs when running on CUDA with a graph-safe attention backend."""
+        if not (self.config.cuda_graphs and self.device.type == "cuda"
+                and getattr(self.model.attn_backend, "supports_cuda_graphs", False)):
+            return
+        from workers.engine.cuda_graphs import DecodeGraphs
+        self.runner.graphs = DecodeGraphs(self.model, self.kv_cache, self.config.block_size,
+                                          self.config.max_num_seqs, self.max_model_len, self.device).capture()
 
     @property
     def kv_layout(self) -> KVLayout:

@@ -37,10 +37,13 @@ class ModelRunner:
         self.device = device
         self._image_token_id = int(model.image_token_id)
         self._image_token_row: torch.Tensor | None = None
+        self.graphs = None  # cuda_graphs.DecodeGraphs, set by the engine on CUDA
 
     @torch.inference_mode()
     def execute(self, chunks: list[Chunk]) -> tuple[torch.Tensor | None, list[Request]]:
         """Run one step; logits [N, vocab] (float32) of the chunks that end their sequence."""
+        if self.graphs is not None and self.graphs.can_run(chunks):  # decode: replay a CUDA graph
+            return self.model.compute_logits(self.graphs.run(chunks)), [c.req for c in chunks]
         batch = self.build(chunks)
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.attn, self.kv_cache,
                                     image_embeds=batch.image_embeds)

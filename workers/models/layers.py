@@ -6,6 +6,9 @@ float32 whatever the weight dtype) so that logits match it to ~1e-5.
 
 from __future__ import annotations
 
+import inspect
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,9 +54,43 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act_fn = activation(act)
+        self.gate_up: nn.Linear | None = None  # set by fuse_for_gpu (after the weights are loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def fuse_for_gpu(self, multiple: int = 64) -> None:
+        """GPU inference layout, same function: gate and up become one matmul, and the hidden size
+        is zero-padded to a multiple of ``multiple``.
+
+        Why: cuBLAS takes its fast (TMA) kernels only for 16-byte aligned rows; Qwen2.5-VL's vision
+        MLP (hidden 3420) otherwise runs at a third of the matmul rate. Padded units are exact
+        zeros: gate = up = 0 there, and their down_proj columns are 0.
+        """
+        if self.gate_up is not None:
+            return
+        hidden = self.gate_proj.out_features
+        pad = -hidden % multiple
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        fused = nn.Linear(gate.in_features, 2 * (hidden + pad), bias=gate.bias is not None,
+                          device=gate.weight.device, dtype=gate.weight.dtype)
+        fused.weight.copy_(torch.cat([F.pad(gate.weight, (0, 0, 0, pad)), F.pad(up.weight, (0, 0, 0, pad))]))
+        if gate.bias is not None:
+            fused.bias.copy_(torch.cat([F.pad(gate.bias, (0, pad)), F.pad(up.bias, (0, pad))]))
+        if pad:
+            new_down = nn.Linear(hidden + pad, down.out_features, bias=down.bias is not None,
+                                 device=down.weight.device, dtype=down.weight.dtype)
+            new_down.weight.copy_(F.pad(down.weight, (0, pad)))
+            if down.bias is not None:
+                new_down.bias.copy_(down.bias)
+            self.down_proj = new_down
+        self.gate_up = fused.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
+        del self.gate_proj, self.up_proj  # free the unfused copies
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -158,9 +195,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      scale: float) -> torch.Tensor:
     """Non-causal attention within each [cu[i], cu[i+1]) segment of packed q/k/v ([N, H, D]).
 
-    One SDPA call with a block-diagonal mask: no Python loop over segments. This is the single place
-    to swap in a GPU varlen kernel (flash-attn varlen / torch.nn.attention.varlen) later.
+    On CUDA (fp16/bf16): the flash varlen kernel over cu_seqlens (no N x N mask, no loop).
+    Elsewhere: one SDPA call with a block-diagonal mask (no Python loop over segments).
     """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
+        return _cuda_varlen(q, k, v, cu_seqlens, scale)
     if cu_seqlens.numel() == 2:
         mask = None  # one segment: plain full attention
     else:
@@ -168,6 +207,49 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=mask, scale=scale)
     return out.transpose(0, 1)
+
+
+_VARLEN: list = []  # [varlen_attn or None, accepts_scale], filled on first use
+
+
+def _flash_varlen():
+    """torch.nn.attention.varlen.varlen_attn when this torch has it, else None."""
+    if not _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _VARLEN.extend([varlen_attn, "scale" in inspect.signature(varlen_attn).parameters])
+        except ImportError:
+            _VARLEN.extend([None, False])
+    return _VARLEN[0]
+
+
+# cu_seqlens tensor id -> (weakref to it, longest segment). A tower reuses the same two cu_seqlens
+# tensors (windows, full images) in every block: one device sync per tensor, not per block.
+_MAX_LEN_CACHE: dict[int, tuple] = {}
+
+
+def _max_segment(cu_seqlens: torch.Tensor) -> int:
+    hit = _MAX_LEN_CACHE.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if len(_MAX_LEN_CACHE) > 64:
+        _MAX_LEN_CACHE.clear()
+    _MAX_LEN_CACHE[id(cu_seqlens)] = (weakref.ref(cu_seqlens), longest)
+    return longest
+
+
+@torch.compiler.disable
+def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    varlen_attn, accepts_scale = _VARLEN
+    cu = cu_seqlens.to(torch.int32)
+    longest = _max_segment(cu_seqlens)
+    if accepts_scale:
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
+    # Older signature (no scale): the kernel uses 1/sqrt(D); fold the difference into q.
+    q = q * (scale * q.shape[-1] ** 0.5) if abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6 else q
+    return varlen_attn(q, k, v, cu, cu, longest, longest)
 
 
 class Conv3dPatchEmbed(nn.Module):

@@ -59,7 +59,10 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     load_format: str = "auto"
-    attention_backend: str = "reference"
+    attention_backend: str = "auto"  # "auto": "triton" on a CUDA device, else "reference"
+    cuda_graphs: bool = True  # decode CUDA graphs (CUDA with a graph-safe backend only)
+    compile_lm: bool = True  # torch.compile the LM decoder layers (CUDA only)
+    compile_vision: bool = True  # torch.compile the vision blocks (CUDA only)
     embedding_cache_mb: float = 256.0
     handle_ttl_s: float = 60.0  # an unreleased embedding / KV handle is freed after this
     transfer_timeout_s: float = 10.0
@@ -75,6 +78,8 @@ class WorkerConfig:
         if not self.instance_id:
             rid = f"{self.role.value}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
             object.__setattr__(self, "instance_id", rid)
+        if self.attention_backend == "auto":
+            object.__setattr__(self, "attention_backend", default_attention_backend(self.device))
         for name in ("embedding_cache_mb", "handle_ttl_s", "transfer_timeout_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -87,7 +92,14 @@ class WorkerConfig:
             num_kv_blocks=self.num_kv_blocks, kv_cache_mb=self.kv_cache_mb,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, load_format=self.load_format,
-            parts=ROLE_PARTS[self.role], attention_backend=self.attention_backend)
+            parts=ROLE_PARTS[self.role], attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs, compile_lm=self.compile_lm, compile_vision=self.compile_vision)
+
+
+def default_attention_backend(device: str) -> str:
+    """The fast Triton kernels on CUDA (graph-safe, needed for decode CUDA graphs); the reference
+    backend everywhere else."""
+    return "triton" if device.startswith("cuda") else "reference"
 
 
 def client_error(code: int, message: str, param: str | None = None) -> RemoteError:
@@ -277,6 +289,10 @@ class Worker:
         if getattr(msg, "model", self.cfg.served_model_name) != self.cfg.served_model_name:
             raise client_error(404, f"this worker serves {self.cfg.served_model_name!r}, "
                                     f"not {msg.model!r}")
+        # One line per accepted request: which instance served which hop (operators, e2e tests).
+        images = getattr(msg, "images", None)
+        detail = "" if images is None else f" with {len(images)} image(s)"
+        log.info("request %s: %s%s", getattr(msg, "request_id", "?"), expect.__name__, detail)
         return msg
 
     async def handle_cancel(self, data: bytes) -> bytes:

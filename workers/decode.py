@@ -59,6 +59,7 @@ class DecodeWorker(Worker):
     async def _reserve(self, req: DecodeRequest) -> list[int]:
         from workers.engine.block_manager import OutOfBlocks
 
+        self._check_capacity(req)
         deadline = asyncio.get_running_loop().time() + self.cfg.transfer_timeout_s
         while True:
             try:
@@ -70,6 +71,16 @@ class DecodeWorker(Worker):
                     raise RemoteError(503, "unavailable", "the decode KV cache is full; retry "
                                       "later or add decode workers") from exc
                 await asyncio.sleep(_RESERVE_RETRY_S)
+
+    def _check_capacity(self, req: DecodeRequest) -> None:
+        """A prompt the prefill side took but this worker can never hold is the deployment's
+        limit, not the client's fault: 503 naming the fix (engine.max_model_len never changes)."""
+        limit = int(self.engine.max_model_len)
+        if req.kv.num_tokens >= limit:
+            raise RemoteError(503, "unavailable", f"the decode worker {self.cfg.instance_id} holds at "
+                              f"most {limit - 1} prompt tokens, this prompt has {req.kv.num_tokens}; "
+                              "start decode workers with a larger --num-kv-blocks / --kv-cache-mb "
+                              "/ --max-model-len")
 
     async def _pull(self, req: DecodeRequest, blocks: list[int]) -> None:
         from common.transfer import TransferError

@@ -15,6 +15,7 @@ Handler steps (``handle_prefill``):
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -23,6 +24,8 @@ from common.protocol import (KVHandle, PrefillRequest, PrefillResponse, Role, Tr
                              encode)
 from workers.base import Worker, client_error
 from workers.engine_loop import RequestAborted, add_engine_request
+
+log = logging.getLogger("triad.worker")
 
 
 class PrefillWorker(Worker):
@@ -82,7 +85,7 @@ class PrefillWorker(Worker):
     def _on_release(self, request_id: str) -> None:
         """Called by the TransferAgent (maybe from another thread): unpin on the engine thread."""
         if self.loop_ is not None:
-            self.loop_.submit_nowait(lambda engine: engine.release(request_id))
+            self.loop_.submit_nowait(_release, request_id)
         self._exports.pop(request_id, None)  # dict.pop is atomic under the GIL
 
     def on_cancel(self, request_id: str) -> None:
@@ -90,6 +93,20 @@ class PrefillWorker(Worker):
         if key is not None:
             self.agent.unregister(key)  # calls _on_release
         super().on_cancel(request_id)
+        if self.loop_ is not None:  # queued after the abort: reports the count it left
+            self.loop_.submit_nowait(_report_free, request_id, "cancelled")
 
     def busy(self) -> bool:
         return super().busy() or bool(self._exports)
+
+
+def _release(engine: Any, request_id: str) -> None:
+    """Engine thread: unpin a request's exported KV blocks."""
+    engine.release(request_id)
+    _report_free(engine, request_id, "KV handle released")
+
+
+def _report_free(engine: Any, request_id: str, why: str) -> None:
+    """Engine thread: log the free block count, so a leak of pinned KV blocks is visible."""
+    bm = engine.block_manager
+    log.info("request %s: %s; %d of %d KV blocks free", request_id, why, bm.num_free, bm.num_blocks)

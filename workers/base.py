@@ -67,6 +67,9 @@ class WorkerConfig:
     handle_ttl_s: float = 60.0  # an unreleased embedding / KV handle is freed after this
     transfer_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
+    # Requests one worker takes at once (running, queued in the engine, or loading media); more get
+    # a 503 "overloaded" at once instead of piling up. 0: 4 x max_num_seqs.
+    max_inflight: int = 0
     instance_id: str = ""  # default: <role>-<host>-<pid>-<random>
 
     def __post_init__(self) -> None:
@@ -80,9 +83,12 @@ class WorkerConfig:
             object.__setattr__(self, "instance_id", rid)
         if self.attention_backend == "auto":
             object.__setattr__(self, "attention_backend", default_attention_backend(self.device))
-        for name in ("embedding_cache_mb", "handle_ttl_s", "transfer_timeout_s", "drain_timeout_s"):
+        for name in ("embedding_cache_mb", "handle_ttl_s", "transfer_timeout_s", "drain_timeout_s",
+                     "max_inflight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.max_inflight:
+            object.__setattr__(self, "max_inflight", 4 * self.max_num_seqs)
 
     def engine_config(self) -> Any:
         from workers.engine.config import EngineConfig
@@ -274,6 +280,12 @@ class Worker:
 
     @contextlib.contextmanager
     def inflight(self) -> Iterator[None]:
+        """Count one request in flight, or refuse it (503 overloaded) when the worker is full:
+        bounded admission instead of unbounded work (and request bytes) piling up."""
+        if self._inflight >= self.cfg.max_inflight:
+            raise RemoteError(503, "overloaded", f"worker {self.cfg.instance_id} is overloaded: "
+                              f"{self._inflight} requests in flight (its --max-inflight limit); "
+                              "retry shortly, or add workers")
         self._inflight += 1
         try:
             yield

@@ -7,8 +7,16 @@ worker runs it on a thread of its own:
      awaitable; ``add_request``: also open an output stream for the request);
   2. the thread runs every queued command, then one ``engine.step()`` while anything is unfinished,
      and blocks on the queue when idle;
-  3. each ``StepOutput`` goes to its request's ``asyncio.Queue`` through
-     ``loop.call_soon_threadsafe``; results and exceptions of commands likewise.
+  3. all ``StepOutput``s of one step go to the event loop in ONE ``loop.call_soon_threadsafe``
+     (each wake-up of the loop costs a syscall and a GIL hand-over, so one per step, not one per
+     request), which puts each on its request's ``asyncio.Queue``; results and exceptions of
+     commands go back the same way.
+
+A consumer that fell behind (several outputs queued for one request) takes them all at once
+(``RequestStream.batches``), and ``stream_deltas`` sends them as ONE TokenDelta with several
+token ids: under load the per-token cost (encode + NATS publish + the frontend's decode) is paid
+per batch of tokens. Nothing waits to coalesce: a consumer that keeps up still sends every token
+as soon as its step ends.
 
 Aborts are fire-and-forget commands (``abort``), safe from any thread (e.g. a transfer callback).
 An exception inside ``engine.step()`` is a bug, not a client error: it is logged, every active
@@ -52,12 +60,28 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Any]:
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """Lists of StepOutputs: everything queued by the time the consumer asks (at least one).
+        An exception queued behind outputs is raised once those outputs have been handed out."""
         while True:
+            batch: list[Any] = []
             item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finished:
+            while True:
+                if isinstance(item, BaseException):
+                    if batch:
+                        self.queue.put_nowait(item)  # hand it out after these outputs
+                        break  # (nothing is put after an exception, so order is kept)
+                    raise item
+                batch.append(item)
+                if item.finished or self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            yield batch
+            if batch[-1].finished:
                 return
 
 
@@ -157,12 +181,15 @@ class EngineLoop:
             return
         if not outputs:
             time.sleep(_IDLE_STEP_S)  # nothing came out (a chunk, or waiting for blocks): don't spin
+        ready = []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if stream is not None:
-                self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                ready.append((stream.queue, out))
+        if ready:
+            self._loop.call_soon_threadsafe(_deliver, ready)
 
     def _abort_on_thread(self, engine: Any, request_id: str) -> None:
         _abort(engine, request_id)
@@ -177,9 +204,10 @@ class EngineLoop:
         self._streams.clear()
 
 
-async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: Any, prompt_tokens: int,
-                        first: tuple[int, ...] = ()) -> Any:
+async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: RequestStream,
+                        prompt_tokens: int, first: tuple[int, ...] = ()) -> Any:
     """StepOutputs -> encoded TokenDeltas; the first carries ``prompt_tokens`` (and ``first``).
+    Outputs that queued up while the consumer was busy go out together, as one delta.
 
     Leaving early (client cancel, worker stopping) aborts the request in the engine."""
     finished = sent_prompt = False
@@ -187,10 +215,12 @@ async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: Any, p
         if first:
             yield encode(TokenDelta(request_id=request_id, token_ids=first, prompt_tokens=prompt_tokens))
             sent_prompt = True
-        async for out in stream:
-            finished = bool(out.finished)
-            yield encode(TokenDelta(request_id=request_id, token_ids=tuple(out.new_token_ids),
-                                    finish_reason=out.finish_reason if finished else None,
+        async for batch in stream.batches():
+            last = batch[-1]
+            finished = bool(last.finished)
+            token_ids = tuple(t for out in batch for t in out.new_token_ids)
+            yield encode(TokenDelta(request_id=request_id, token_ids=token_ids,
+                                    finish_reason=last.finish_reason if finished else None,
                                     prompt_tokens=None if sent_prompt else prompt_tokens))
             sent_prompt = True
     except RequestAborted:
@@ -213,6 +243,12 @@ def _abort(engine: Any, request_id: str) -> None:
         engine.abort(request_id)
     except KeyError:
         pass  # already finished and freed
+
+
+def _deliver(ready: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    """On the event loop: one step's outputs onto their requests' queues."""
+    for q, out in ready:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future[Any], result: Any) -> None:

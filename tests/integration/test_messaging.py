@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from common.messaging import (
+    MessagingConfig,
     Messenger,
     MessagingError,
     NoResponders,
@@ -19,7 +23,7 @@ from common.messaging import (
     StreamContext,
 )
 from common.protocol import ErrorReply, TokenDelta, decode, encode
-from tests.support.servers import ServerProc, free_port, start_nats
+from tests.support.servers import ServerProc, _nats_ready, find_binary, free_port, start_nats
 
 
 @pytest.fixture
@@ -283,3 +287,184 @@ async def _retry_request(m: Messenger, subject: str, payload: bytes, within: flo
                 raise
             await asyncio.sleep(0.1)
 
+
+
+# ---------------------------------------------------------------------- load: no hangs, no silent loss
+
+LOAD_PAYLOAD = 700_000  # about one 512x512 PNG as a data: URL
+
+
+class ThreadResponder:
+    """A responder with its own event loop on its own thread (as a worker process has), so a test
+    can stall that loop (``block``) the way a busy engine and the GIL stall a worker's."""
+
+    def __init__(self, url: str, config: MessagingConfig | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="responder", daemon=True)
+        self._thread.start()
+        self.m: Messenger = self.call(Messenger.connect(url, name="responder", config=config))
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def block(self, seconds: float) -> None:
+        """Stall the responder's loop (nothing on it runs, its socket is not read)."""
+        self.loop.call_soon_threadsafe(time.sleep, seconds)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.m.close(), timeout=15)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def _start_nats_conf(tmp_path: Path, max_pending: int) -> ServerProc:
+    """A nats-server with this max_pending (its max_payload may not exceed it), stopped by PID."""
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: {min(8 << 20, max_pending)}\n"
+                    f"max_pending: {max_pending}\n")
+    return ServerProc("nats", [find_binary("nats-server"), "-c", str(conf)], f"nats://127.0.0.1:{port}",
+                      tmp_path / "nats.log", _nats_ready(port)).start()
+
+
+async def three_items(data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+    for i in range(3):
+        yield f"{len(data)}:{i}".encode()
+
+
+async def _one_stream(client: Messenger, subject: str, payload: bytes, timeout: float = 30.0,
+                      accept: float | None = None) -> tuple[str, float, list[bytes] | Exception]:
+    """(outcome, seconds, items or the exception): outcome is "ok" or the error's class name."""
+    t0 = time.monotonic()
+    items: list[bytes] = []
+    try:
+        async with client.stream(subject, payload, timeout=timeout, accept_timeout=accept) as s:
+            async for chunk in s:
+                items.append(chunk)
+    except MessagingError as exc:
+        return type(exc).__name__, time.monotonic() - t0, exc
+    return "ok", time.monotonic() - t0, items
+
+
+async def test_requests_lost_by_the_server_fail_fast(tmp_path: Path, namespace: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The H100 failure on CPU: a responder whose loop stalls while ~17 MB of requests queue for
+    it exceeds the server's max_pending; the server cuts it off and drops what was in flight.
+    Every client must get its full stream or a clear error within the accept timeout, not hang."""
+    accept = 2.0
+    with _start_nats_conf(tmp_path, 4 << 20) as server:
+        responder = ThreadResponder(server.url)
+        client = await Messenger.connect(server.url, name="client")
+        try:
+            subject = f"{namespace}.gen"
+            responder.call(responder.m.serve_stream(subject, three_items))
+            responder.block(3.0)
+            payload = b"u" * LOAD_PAYLOAD
+            results = await asyncio.gather(*(_one_stream(client, subject, payload, accept=accept)
+                                             for _ in range(24)))
+            outcomes = collections.Counter(r[0] for r in results)
+            assert "Slow Consumer Detected" in server.log_tail(50)  # the cause, as on H100
+            assert set(outcomes) <= {"ok", "NotAccepted", "NoResponders", "StreamGap", "RemoteError"}, outcomes
+            assert outcomes["NotAccepted"] + outcomes["StreamGap"] >= 1, outcomes  # losses were seen
+            for outcome, seconds, got in results:
+                if outcome == "ok":  # complete and in order, never partial
+                    assert got == [f"{LOAD_PAYLOAD}:{i}".encode() for i in range(3)]
+                else:
+                    assert seconds < 3.0 + accept + 2.0, (outcome, seconds, got)
+            # After the responder reconnected a retry works; it said what happened, at WARNING.
+            outcome, _, got = await _retry_stream(client, subject, payload, within=15)
+            assert outcome == "ok" and len(got) == 3
+            assert "disconnected from NATS" in caplog.text and "Slow Consumer" in caplog.text
+        finally:
+            await client.close()
+            responder.stop()
+
+
+async def _retry_stream(client: Messenger, subject: str, payload: bytes,
+                        within: float) -> tuple[str, float, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        result = await _one_stream(client, subject, payload, timeout=5, accept=2)
+        if result[0] == "ok" or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.2)
+
+
+async def test_generous_limits_take_a_burst_of_large_requests(tmp_path: Path, namespace: str) -> None:
+    """The same stalled responder with launch/common.sh's max_pending: nothing is lost."""
+    with _start_nats_conf(tmp_path, 1 << 30) as server:
+        responder = ThreadResponder(server.url)
+        client = await Messenger.connect(server.url, name="client")
+        try:
+            subject = f"{namespace}.gen"
+            responder.call(responder.m.serve_stream(subject, three_items))
+            responder.block(3.0)
+            results = await asyncio.gather(*(_one_stream(client, subject, b"u" * LOAD_PAYLOAD, accept=10)
+                                             for _ in range(24)))
+            assert [r[0] for r in results] == ["ok"] * 24, [r[:2] for r in results]
+        finally:
+            await client.close()
+            responder.stop()
+
+
+async def test_messages_the_client_library_drops_are_answered_503(nats_server: ServerProc,
+                                                                  namespace: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py drops what exceeds a subscription's pending limit (slow consumer): the responder
+    logs it at WARNING and answers the dropped request with 503 "overloaded" at once."""
+    tight = MessagingConfig(pending_msgs_limit=1)
+    responder = await Messenger.connect(nats_server.url, name="tight", config=tight)
+    client = await Messenger.connect(nats_server.url, name="client")
+    try:
+        await responder.serve_stream(f"{namespace}.s", three_items)
+        await responder.serve_unary(f"{namespace}.u", echo)
+        t0 = time.monotonic()
+        streams = await asyncio.gather(*(_one_stream(client, f"{namespace}.s", b"x" * 100, accept=10)
+                                         for _ in range(300)))
+        unary = await asyncio.gather(*(client.request(f"{namespace}.u", b"x", timeout=10)
+                                       for _ in range(300)), return_exceptions=True)
+        assert time.monotonic() - t0 < 10
+        refused = [r[2] for r in streams if r[0] != "ok"] + [r for r in unary if r != b"x"]
+        assert refused, "nothing was dropped: the test did not load the responder enough"
+        for exc in refused:
+            assert isinstance(exc, RemoteError) and (exc.code, exc.type) == (503, "overloaded"), exc
+            assert "slow consumer" in exc.message and "retry" in exc.message
+        assert all(r[2] == [b"100:0", b"100:1", b"100:2"] for r in streams if r[0] == "ok")
+        assert "NATS dropped a message on" in caplog.text and f"{namespace}." in caplog.text
+    finally:
+        await client.close()
+        await responder.close()
+
+
+async def test_unaccepted_stream_fails_fast_and_a_late_start_is_cancelled(nats_server: ServerProc,
+                                                                          namespace: str) -> None:
+    responder = ThreadResponder(nats_server.url)
+    client = await Messenger.connect(nats_server.url, name="client")
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def slow_to_start(data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+        started.set()
+        try:
+            while True:
+                yield b"tok"
+                await asyncio.sleep(0.01)
+        finally:
+            if ctx.cancelled.is_set():
+                cancelled.set()
+
+    try:
+        subject = f"{namespace}.late"
+        responder.call(responder.m.serve_stream(subject, slow_to_start))
+        responder.block(1.5)
+        outcome, seconds, exc = await _one_stream(client, subject, b"", timeout=30, accept=0.3)
+        assert outcome == "NotAccepted" and 0.25 < seconds < 1.2, (outcome, seconds)
+        assert "not accepted within 0.3 s" in str(exc) and "overloaded" in str(exc)
+        # The responder takes it once its loop runs again; the client's late cancel stops it.
+        assert await asyncio.to_thread(started.wait, 10)
+        assert await asyncio.to_thread(cancelled.wait, 10)
+    finally:
+        await client.close()
+        responder.stop()

@@ -100,8 +100,15 @@ class CompletionRun:
             await events.aclose()  # early exit: cancels the stream / prefill (see Orchestrator)
 
     def _on_event(self, event: TokenEvent) -> Piece | None:
-        self._count(event)
-        text = self._stops.add(self._detok.add(event.token_ids))
+        text, used = "", 0
+        # Token by token: a coalesced delta may carry tokens past a stop string, which must be
+        # neither shown nor counted in usage.
+        for token in event.token_ids:
+            used += 1
+            text += self._stops.add(self._detok.add((token,)))
+            if self._stops.stopped:
+                break
+        self._count(event, used)
         if self._stops.stopped:
             self.stats.finish_reason = "stop"
         elif event.finish_reason is not None:
@@ -113,9 +120,9 @@ class CompletionRun:
             return Piece(text, self.stats.finish_reason)
         return Piece(text) if text else None
 
-    def _count(self, event: TokenEvent) -> None:
+    def _count(self, event: TokenEvent, n: int) -> None:
+        """Metrics and usage for the first ``n`` tokens of ``event`` (those the client gets)."""
         now = time.perf_counter()
-        n = len(event.token_ids)
         if event.prompt_tokens is not None and not self.stats.prompt_tokens:
             self.stats.prompt_tokens = event.prompt_tokens
             self._metrics.prompt_tokens.inc(event.prompt_tokens)

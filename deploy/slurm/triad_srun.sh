@@ -16,7 +16,7 @@
 #   HEAD_NODE [first node]   HEAD_ADDR [resolved on the head]   NODE_ADDR [resolved per node]
 #   HEAD_RUNS_WORKERS [1 with one node, else 0]   CONTROL_PLANE_ONLY [0]: 1 starts etcd + NATS only
 #   HTTP_PORT [8000]  TRIAD_ETCD_PORT [2379]  TRIAD_ETCD_PEER_PORT [2380]  TRIAD_NATS_PORT [4222]
-#   NATS_MAX_PAYLOAD [8388608]   FRONTEND_HOST [0.0.0.0]   WORKER_ARGS []   FRONTEND_ARGS []   SRUN_ARGS []   TRIAD_LEASE_TTL
+#   NATS_MAX_PAYLOAD [8388608]   NATS_MAX_PENDING [1073741824]   FRONTEND_HOST [0.0.0.0]   WORKER_ARGS []   FRONTEND_ARGS []   SRUN_ARGS []   TRIAD_LEASE_TTL
 #   RUN_DIR [./triad-run-$SLURM_JOB_ID]   READY_TIMEOUT [900]   STOP_TIMEOUT [60]
 #   TRIAD_REPO [this checkout]   TRIAD_PYTHON [$TRIAD_REPO/.venv/bin/python]
 #   TRIAD_ETCD_BIN [etcd on PATH]   TRIAD_NATS_BIN [nats-server next to TRIAD_PYTHON, else PATH]
@@ -36,6 +36,7 @@ export GPUS_PER_WORKER="${GPUS_PER_WORKER:-0}"
 DEVICE="${DEVICE:-$( (( GPUS_PER_WORKER > 0 )) && echo cuda || echo cpu)}"
 FRONTEND_HOST="${FRONTEND_HOST:-0.0.0.0}"
 NATS_MAX_PAYLOAD="${NATS_MAX_PAYLOAD:-8388608}"   # bytes; as launch/common.sh
+NATS_MAX_PENDING="${NATS_MAX_PENDING:-1073741824}" # bytes buffered for one slow client; as launch/common.sh
 export PYTHONPATH="$TRIAD_REPO${PYTHONPATH:+:$PYTHONPATH}"
 READY_TIMEOUT="${READY_TIMEOUT:-900}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
@@ -172,8 +173,8 @@ start_head() {
         --initial-advertise-peer-urls "$peer_url" --initial-cluster "triad-head=$peer_url" \
         --logger=zap
     # nats-server takes max_payload only from a config file
-    printf 'listen: %s:%s\nmax_payload: %s\n' "$HEAD_ADDR" "$TRIAD_NATS_PORT" "$NATS_MAX_PAYLOAD" \
-        >"$RUN_DIR/nats.conf"
+    printf 'listen: %s:%s\nmax_payload: %s\nmax_pending: %s\n' "$HEAD_ADDR" "$TRIAD_NATS_PORT" \
+        "$NATS_MAX_PAYLOAD" "$NATS_MAX_PENDING" >"$RUN_DIR/nats.conf"
     start_step nats "$HEAD_NODE" 1 -- "$NODE_TASK" nats -c "$RUN_DIR/nats.conf"
     wait_for "etcd at $etcd_url" 60 http "$etcd_url/health"
     wait_for "nats at $NATS_SERVER" 60 tcp "$HEAD_ADDR" "$TRIAD_NATS_PORT"

@@ -5,8 +5,9 @@ ucxx (0.52) has tag messages but no RMA from Python, so a *pull* is receiver-ini
 1. The receiver posts a receive for the owner's reply, then sends a control message (tag
    ``_REQ_TAG``) with the key, its region sizes (run-length encoded), where its memory runs
    break, its own worker address and a fresh transaction id ``tid``.
-2. The owner looks the key up, checks the sizes (mismatch -> an error reply, nothing moves) and
-   plans at most ``max_ops`` messages (``transfer_plan.make_plan``); it replies with the plan.
+2. The owner looks the key up, checks the sizes and that both sides use the same shared-memory
+   FIFO size (a mismatch -> an error reply, nothing moves) and plans at most ``max_ops``
+   messages (``transfer_plan.make_plan``); it replies with the plan.
 3. The receiver posts one receive per message (tag ``tid + 1 + i``) straight into its tensors
    (or, where its regions are scattered, into one staging buffer it scatters afterwards); the
    owner sends each message from its registered tensors (or from a gathered staging buffer).
@@ -68,6 +69,10 @@ class TransferConfig:
     # UCX transports (UCX_TLS syntax; the UCX_TLS environment variable wins). CMA is off: a
     # peer dying mid-read would abort this process (see common/transfer_ucx.py).
     ucx_tls: str | None = "^cma"
+    # While a send larger than the shared-memory FIFO is in flight, wake the sending UCX worker
+    # this often (0: never): a sender stalled on a full FIFO otherwise waits out a 1 ms epoll
+    # timeout (see common/transfer_ucx.py). Idle, it costs nothing.
+    kick_interval_us: float = 100.0
 
     def __post_init__(self) -> None:
         for name in ("handle_ttl_s", "op_timeout_s"):
@@ -75,6 +80,9 @@ class TransferConfig:
                 raise ValueError(f"TransferConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.max_ops < 1:
             raise ValueError(f"TransferConfig.max_ops must be >= 1, got {self.max_ops}")
+        if self.kick_interval_us < 0:
+            raise ValueError(
+                f"TransferConfig.kick_interval_us must be >= 0, got {self.kick_interval_us}")
         if self.control_bytes < 1024:
             raise ValueError(
                 f"TransferConfig.control_bytes must be >= 1024, got {self.control_bytes}")
@@ -120,16 +128,19 @@ class TransferAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._wake: asyncio.Event | None = None
         self._pool = plan_mod.StagingPool(self.config.staging_pool_bytes)
+        self._fifo = ""  # shared-memory FIFO size; set by start()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Create the UCX worker and start serving control messages on the running loop."""
-        from common.transfer_ucx import UcxWorker  # imports ucxx: only agents pay for it
+        from common.transfer_ucx import UcxWorker, mm_fifo_size  # imports ucxx: agents only
 
         self._loop = asyncio.get_running_loop()
-        self._ucx = UcxWorker(self._loop, self.config.ucx_tls)
-        self._data = UcxWorker(self._loop, self.config.ucx_tls)
+        self._fifo = mm_fifo_size()
+        cfg = self.config
+        self._ucx = UcxWorker(self._loop, cfg.ucx_tls, cfg.kick_interval_us * 1e-6)
+        self._data = UcxWorker(self._loop, cfg.ucx_tls, 0.0)  # receives only: nothing to kick
         self._wake = asyncio.Event()
         self._spawn(self._serve())
         self._spawn(self._reap())
@@ -256,6 +267,11 @@ class TransferAgent:
         if entry is None:
             await self._reply(msg, {"ok": False, "error": "unknown_key"})
             return
+        if msg.get("fifo", self._fifo) != self._fifo:  # would hang: see common/transfer_ucx.py
+            await self._reply(msg, {"ok": False, "error": "config_mismatch", "message": (
+                f"UCX_MM_FIFO_SIZE differs: this owner uses {self._fifo}, the receiver "
+                f"{msg['fifo']}; give every process the same value")})
+            return
         wanted = plan_mod.sizes_from_rle(msg["sizes"])
         problem = plan_mod.size_problem(entry.rmap.sizes, wanted)
         if problem:
@@ -284,7 +300,7 @@ class TransferAgent:
             reqs.append(self._ucx.send(peer, self._ucx.tensor_buffer(ptr, end - start, rmap.device),
                                        tid + 1 + i))
         self.stats.served_data_ops += len(reqs)
-        if not await self._ucx.wait(reqs, deadline):
+        if not await self._ucx.wait(reqs, deadline, send_bytes=rmap.total):
             self.stats.timeouts += 1
             log.warning("sending %d bytes to a receiver timed out; dropping its endpoint",
                         rmap.total)
@@ -329,7 +345,8 @@ class TransferAgent:
         self._require_started()
         data = self._data
         body = {"op": "pull", "key": key, "sizes": plan_mod.sizes_rle(rmap.sizes),
-                "bounds": rmap.bounds(self.config.max_ops), "data_to": data.address}
+                "bounds": rmap.bounds(self.config.max_ops), "data_to": data.address,
+                "fifo": self._fifo}
         reply = await self._request(owner_address, body, tid, deadline)
         if not reply.get("ok"):
             raise _reply_error(reply, key)
@@ -420,7 +437,7 @@ class TransferAgent:
             from common.transfer_ucx import UcxWorker
 
             self._retired.append(data)
-            self._data = UcxWorker(asyncio.get_running_loop(), self.config.ucx_tls)
+            self._data = UcxWorker(asyncio.get_running_loop(), self.config.ucx_tls, 0.0)
 
     def _require_started(self) -> None:
         if self._ucx is None:
@@ -448,4 +465,6 @@ def _reply_error(reply: dict[str, Any], key: str) -> Exception:
                           "or expired)")
     if reply.get("error") == "size_mismatch":
         return ValueError(f"pull of {key!r}: {reply.get('message')}; allocate dst to match")
+    if reply.get("error") == "config_mismatch":
+        return TransferError(f"pull of {key!r} refused: {reply.get('message')}")
     return TransferError(f"owner refused pull of {key!r}: {reply}")

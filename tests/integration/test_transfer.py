@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from common.transfer import (  # noqa: E402
-    TransferAgent, TransferConfig, TransferTimeout, UnknownKey)
+    TransferAgent, TransferConfig, TransferError, TransferTimeout, UnknownKey)
 from tests.integration.transfer_peer import PeerProc, digest, make_regions  # noqa: E402
 
 # One event loop for the module, so the peer processes (slow to start on a busy CPU) are shared.
@@ -158,6 +158,18 @@ async def test_size_mismatch_is_value_error(agent: TransferAgent, peer: PeerProc
     with pytest.raises(ValueError, match="contiguous"):
         await agent.pull(peer.address, "s", [torch.empty(20, 50, dtype=torch.uint8).t()])
     assert agent.stats.pull_data_ops == 0  # nothing moved
+
+
+async def test_fifo_size_mismatch_is_a_clear_error(agent: TransferAgent) -> None:
+    """Processes whose shared-memory FIFO sizes differ would hang in UCX: the owner refuses."""
+    odd = await PeerProc.start(env={"UCX_MM_FIFO_SIZE": "256"})
+    try:
+        await odd.call(cmd="register", key="f", spec={"kind": "flat", "nbytes": 4096, "seed": 2})
+        with pytest.raises(TransferError, match="UCX_MM_FIFO_SIZE differs: this owner uses 256"):
+            await agent.pull(odd.address, "f", [torch.empty(4096, dtype=torch.uint8)], timeout=5)
+        assert agent.stats.pull_data_ops == 0 and agent.stats.timeouts == 0
+    finally:
+        await odd.stop()
 
 
 async def test_peer_killed_mid_transfer(agent: TransferAgent, peer: PeerProc) -> None:

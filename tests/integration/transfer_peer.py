@@ -1,6 +1,7 @@
 """A second process for the transfer tests and benchmark: a real TransferAgent driven over stdio.
 
-Run as ``python -m tests.integration.transfer_peer [--midway] [--ttl S] [--timeout S]``. It prints
+Run as ``python -m tests.integration.transfer_peer [--midway] [--ttl S] [--timeout S]
+[--kick-us US]``. It prints
 ``{"address": ...}`` once started, then answers one JSON line per JSON command line on stdin:
 
   {"cmd": "register", "key", "spec", "ttl_s"?}  -> {"remote"}   spec: see ``make_regions``
@@ -94,11 +95,12 @@ class PeerProc:
         self.address = ""
 
     @classmethod
-    async def start(cls, *args: str) -> PeerProc:
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> PeerProc:
+        """Start a peer (``env`` is added to this process's environment) and read its address."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.integration.transfer_peer", *args, cwd=REPO_ROOT,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"})
+            env={**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})})
         peer = cls(proc)
         peer.address = (await peer.read(STARTUP_S))["address"]
         return peer
@@ -186,9 +188,11 @@ async def main() -> None:
     ap.add_argument("--midway", action="store_true")
     ap.add_argument("--ttl", type=float, default=60.0)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--kick-us", type=float, default=TransferConfig.kick_interval_us)
     args = ap.parse_args()
     cls = MidwayAgent if args.midway else TransferAgent
-    agent = cls(TransferConfig(handle_ttl_s=args.ttl, op_timeout_s=args.timeout))
+    agent = cls(TransferConfig(handle_ttl_s=args.ttl, op_timeout_s=args.timeout,
+                               kick_interval_us=args.kick_us))
     await agent.start()
     peer = Peer(agent)
     _emit({"address": agent.address})

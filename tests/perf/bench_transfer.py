@@ -1,17 +1,24 @@
 """Pull bandwidth of common.transfer between two processes (this one pulls, a peer owns).
 
     .venv/bin/python tests/perf/bench_transfer.py [--sizes-mib 1 4 16 64 256] [--runs 5]
+        [--pairs 1] [--cpus 0]
 
 Prints, per size, the median and best pull time as GiB/s next to an in-process memcpy of the
 same size (the ceiling on this machine), then a KV-cache pull (28 layers x 128 blocks): with
 both sides contiguous (zero-copy) and with scattered block ids on both sides (gather + scatter),
 with the UCX operation counts of each.
+
+``--pairs N`` repeats the size sweep with N fresh agent + peer pairs (one line each, then the
+median over pairs and how many pairs fell below ``--slow-gibs``), the way to count how often
+the slow mode shows. ``--cpus 0`` pins both processes to those CPUs (``--cpus 0`` = one core:
+the worst case for the shared-memory pipeline, see common/transfer_ucx.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -33,6 +40,9 @@ def kv_spec(block_ids: list[int], num_blocks: int) -> dict:
             "dtype": "bfloat16", "block_ids": block_ids, "seed": 3}
 
 GIB = float(1 << 30)
+# Warm-up pulls move at least this much first: UCX's shared-memory FIFO (8 MiB) is fresh memory
+# that page-faults the first time each slot is used; small pulls would otherwise measure that.
+WARMUP_BYTES = 16 << 20
 
 
 def memcpy_gibs(nbytes: int, runs: int) -> float:
@@ -48,7 +58,9 @@ def memcpy_gibs(nbytes: int, runs: int) -> float:
 
 async def timed_pulls(agent: TransferAgent, addr: str, key: str, dst: list[torch.Tensor],
                       runs: int) -> list[float]:
-    await agent.pull(addr, key, dst)  # warm-up: endpoint, page faults
+    nbytes = sum(t.numel() * t.element_size() for t in dst)
+    for _ in range(-(-WARMUP_BYTES // nbytes)):  # warm-up: endpoint, page faults
+        await agent.pull(addr, key, dst)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -57,17 +69,48 @@ async def timed_pulls(agent: TransferAgent, addr: str, key: str, dst: list[torch
     return times
 
 
+async def size_times(agent: TransferAgent, peer: PeerProc, mib: int,
+                     runs: int) -> list[float]:
+    nbytes = mib << 20
+    await peer.call(cmd="register", key=f"s{mib}", spec={"kind": "flat", "nbytes": nbytes,
+                                                       "seed": mib}, timeout=120.0)
+    dst = [torch.zeros(nbytes, dtype=torch.uint8)]
+    times = await timed_pulls(agent, peer.address, f"s{mib}", dst, runs)
+    await agent.release(peer.address, f"s{mib}")
+    return times
+
+
 async def bench_sizes(agent: TransferAgent, peer: PeerProc, sizes: list[int], runs: int) -> None:
     print(f"{'size':>8} {'median GiB/s':>13} {'best GiB/s':>11} {'memcpy GiB/s':>13}")
     for mib in sizes:
+        times = await size_times(agent, peer, mib, runs)
         nbytes = mib << 20
-        await peer.call(cmd="register", key=f"s{mib}", spec={"kind": "flat", "nbytes": nbytes,
-                                                           "seed": mib}, timeout=120.0)
-        dst = [torch.zeros(nbytes, dtype=torch.uint8)]
-        times = await timed_pulls(agent, peer.address, f"s{mib}", dst, runs)
         print(f"{mib:>5} MiB {nbytes / statistics.median(times) / GIB:>13.2f} "
               f"{nbytes / min(times) / GIB:>11.2f} {memcpy_gibs(nbytes, runs):>13.2f}")
-        await agent.release(peer.address, f"s{mib}")
+
+
+async def one_pair(sizes: list[int], runs: int, kick_us: float) -> list[float]:
+    """Median GiB/s per size, with a fresh agent and a fresh peer process."""
+    agent, peer = await start_pair(kick_us)
+    try:
+        return [(mib << 20) / statistics.median(await size_times(agent, peer, mib, runs)) / GIB
+                for mib in sizes]
+    finally:
+        await peer.stop()
+        await agent.close()
+
+
+async def bench_pairs(sizes: list[int], runs: int, pairs: int, slow: float,
+                      kick_us: float) -> None:
+    print("pair  " + "".join(f"{f'{mib} MiB':>9}" for mib in sizes) + "   (median GiB/s)")
+    rows = []
+    for i in range(pairs):
+        rows.append(await one_pair(sizes, runs, kick_us))
+        print(f"{i:>4}  " + "".join(f"{g:>9.2f}" for g in rows[-1]) +
+              f"   memcpy 64 MiB {memcpy_gibs(64 << 20, runs):.1f}", flush=True)
+    cols = list(zip(*rows))
+    print("median" + "".join(f"{statistics.median(c):>9.2f}" for c in cols))
+    print(f"< {slow}" + "".join(f"{sum(g < slow for g in c):>7}/{pairs}" for c in cols))
 
 
 async def bench_kv(agent: TransferAgent, peer: PeerProc, runs: int) -> None:
@@ -79,9 +122,11 @@ async def bench_kv(agent: TransferAgent, peer: PeerProc, runs: int) -> None:
         cache = torch.zeros(256, *KV_BLOCK, dtype=torch.bfloat16)
         dst = [cache[b] for b in dst_ids]
         ops0 = (agent.stats.pull_data_ops, agent.stats.pull_control_ops)
+        pulls0 = agent.stats.pulls
         times = await timed_pulls(agent, peer.address, name, dst, runs)
-        ops = ((agent.stats.pull_data_ops - ops0[0]) // (runs + 1),
-               (agent.stats.pull_control_ops - ops0[1]) // (runs + 1))
+        pulls = agent.stats.pulls - pulls0
+        ops = ((agent.stats.pull_data_ops - ops0[0]) // pulls,
+               (agent.stats.pull_control_ops - ops0[1]) // pulls)
         nbytes = sum(t.numel() * t.element_size() for t in dst)
         ok = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bf16 NaNs != NaNs
                  for a, b in zip(dst, make_regions(spec)))
@@ -92,14 +137,32 @@ async def bench_kv(agent: TransferAgent, peer: PeerProc, runs: int) -> None:
         await agent.release(peer.address, name)
 
 
+async def start_pair(kick_us: float) -> tuple[TransferAgent, PeerProc]:
+    agent = TransferAgent(TransferConfig(op_timeout_s=60.0, kick_interval_us=kick_us))
+    await agent.start()
+    try:
+        return agent, await PeerProc.start("--timeout", "60", "--kick-us", str(kick_us))
+    except BaseException:
+        await agent.close()
+        raise
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=1, help="fresh process pairs (>1: summary)")
+    ap.add_argument("--slow-gibs", type=float, default=2.0, help="count pairs below this")
+    ap.add_argument("--cpus", type=int, nargs="+", help="pin both processes to these CPUs")
+    ap.add_argument("--kick-us", type=float, default=TransferConfig.kick_interval_us,
+                    help="TransferConfig.kick_interval_us of both agents (0: no kicker)")
     args = ap.parse_args()
-    agent = TransferAgent(TransferConfig(op_timeout_s=60.0))
-    await agent.start()
-    peer = await PeerProc.start("--timeout", "60")
+    if args.cpus:
+        os.sched_setaffinity(0, set(args.cpus))  # the peer process inherits it
+    if args.pairs > 1:
+        await bench_pairs(args.sizes_mib, args.runs, args.pairs, args.slow_gibs, args.kick_us)
+        return
+    agent, peer = await start_pair(args.kick_us)
     try:
         await bench_sizes(agent, peer, args.sizes_mib, args.runs)
         await bench_kv(agent, peer, args.runs)

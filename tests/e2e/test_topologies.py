@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,8 +19,9 @@ import openai
 import pytest
 
 from tests.e2e.conftest import LEASE_TTL_S, MAX_TOKENS, Media
-from tests.e2e.launcher import Launch
+from tests.e2e.launcher import REPO, Launch
 
+SHIPPED_MODEL = REPO / "models" / "triad-tiny-vlm"
 OUTPUTS: dict[str, dict[str, str]] = {}  # topology -> case -> text, to compare across topologies
 
 
@@ -124,6 +126,23 @@ def test_greedy_outputs_match_offline_and_other_topologies(
         mine[case] = _check(cluster, _chat(cluster, _messages(urls, text)), reference[case], case)
     for other, theirs in OUTPUTS.items():
         assert theirs == {k: mine[k] for k in theirs}, f"{cluster.topology.name} != {other}"
+
+
+def test_the_shipped_model_answers_right(cluster: Launch, media: Media, model_dir: str) -> None:
+    """With the trained default model, the answers are the right ones, not just consistent ones."""
+    if Path(model_dir).resolve() != SHIPPED_MODEL.resolve():
+        pytest.skip(f"answers are only known for the shipped model, not {model_dir}")
+    from tools.tinyvlm import data
+
+    want = {  # conftest draws img1 as a red circle and img2 as a blue square
+        "image_data_url": data.answer("color", "red", "circle"),
+        "image_http_url": data.answer("shape", "blue", "square"),
+        "embedding_file": data.answer("color", "red", "circle"),
+    }
+    for case, (urls, _, text) in cases(media).items():
+        if case in want:
+            body = _chat(cluster, _messages(urls, text)).json()
+            assert body["choices"][0]["message"]["content"] == want[case], (cluster.topology.name, case)
 
 
 def test_openai_client_stream_equals_non_stream(cluster: Launch, media: Media,

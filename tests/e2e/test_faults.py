@@ -3,7 +3,7 @@
 One module-scoped cluster serves three models from one etcd, one nats-server and one frontend:
   - the checkpoint's own name: E/P/D from ``launch/epd.sh`` (2 encode, 1 prefill, 1 decode);
   - ``tiny-agg``: 2 agg workers (``python -m workers``) with a long lease, to kill one;
-  - ``tiny-pd``: a prefill worker with 24 KV blocks and a decode worker with only 4 (64 tokens),
+  - ``tiny-pd``: a prefill worker with 24 KV blocks and a decode worker with only 8 (128 tokens),
     so a long prompt is refused by decode; the prefill logs its free block count whenever it
     frees a request's KV, which is how the tests see that nothing leaks.
 A second frontend with a 1.5 s request timeout serves the hung-prefill test.
@@ -36,7 +36,7 @@ from tests.support.servers import ServerProc, free_port, start_etcd, start_nats
 
 AGG, PD = "tiny-agg", "tiny-pd"
 LEASE_TTL_S = 10.0  # long enough that a killed or stopped worker is still registered meanwhile
-PD_PREFILL_BLOCKS, PD_DECODE_BLOCKS = 24, 4
+PD_PREFILL_BLOCKS, PD_DECODE_BLOCKS = 24, 8
 HANG_TIMEOUT_S = 1.5
 LONG_PROMPT = "red circle " * 80  # about 170 tokens: 11 prefill blocks, more than decode can hold
 FREE_ALL = f"{PD_PREFILL_BLOCKS} of {PD_PREFILL_BLOCKS} KV blocks free"
@@ -355,7 +355,7 @@ def test_pd_decode_refusal_frees_the_prefill_kv(faults: Cluster) -> None:
     for i in range(3):
         freed = faults.count("pd-prefill", FREE_ALL)
         resp = _post(faults.url, _body(PD, LONG_PROMPT, stream=i == 0))  # streamed: still an HTTP status
-        assert "holds at most 63 prompt tokens" in _error(resp, 503)
+        assert f"holds at most {PD_DECODE_BLOCKS * 16 - 1} prompt tokens" in _error(resp, 503)
         _wait(lambda: faults.count("pd-prefill", FREE_ALL) > freed, 10, "the prefill to free the KV")
     assert _content(_ok(_post(faults.url, _body(PD, "Hi", max_tokens=4))))
 

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 from common.messaging import StreamContext
 from common.protocol import GenerateRequest, Role
-from workers.base import Worker, client_error
-from workers.engine_loop import add_engine_request, stream_deltas
+from workers.base import Worker
+from workers.engine_loop import stream_deltas
 
 
 class AggWorker(Worker):
@@ -27,12 +27,6 @@ class AggWorker(Worker):
         with self.inflight():
             req: GenerateRequest = self.parse(data, GenerateRequest)
             items = await self.image_items(req.images)
-            assert self.loop_ is not None
-            try:
-                prompt_len, stream = await self.loop_.add_request(
-                    req.request_id, add_engine_request, req.request_id, req.token_ids, items,
-                    req.sampling, False)
-            except ValueError as exc:
-                raise client_error(400, str(exc)) from exc
+            prompt_len, stream = await self.start_request(req, items, prefill_only=False)
             async for chunk in stream_deltas(self.loop_, req.request_id, stream, prompt_len):
                 yield chunk

@@ -34,7 +34,7 @@ from common.protocol import (CancelRequest, EmbeddingHandle, InstanceRecord, Med
                              ProtocolError, Role, decode, encode, instance_prefix,
                              instance_subject, role_subject)
 from workers.embedding_cache import CachedEmbedding, EmbeddingCache
-from workers.engine_loop import EngineLoop
+from workers.engine_loop import EngineLoop, add_engine_request
 
 log = logging.getLogger("triad.worker")
 
@@ -379,6 +379,16 @@ class Worker:
                 return await self.media_item(inp.media)
             raise client_error(400, "an image input has neither a handle nor a media reference")
         return list(await asyncio.gather(*(one(i) for i in images)))
+
+    async def start_request(self, req: Any, items: list[Any], prefill_only: bool) -> tuple[int, Any]:
+        """Queue a prefill/generate request on the engine: (prompt length, its output stream).
+        A prompt the engine refuses (too long, image count mismatch) is the client's 400."""
+        assert self.loop_ is not None
+        try:
+            return await self.loop_.add_request(req.request_id, add_engine_request, req.request_id,
+                                                req.token_ids, items, req.sampling, prefill_only)
+        except ValueError as exc:
+            raise client_error(400, str(exc)) from exc
 
 
 def _grid_extras(loaded: LoadedEmbedding, merge: int) -> dict[str, Any]:

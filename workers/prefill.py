@@ -22,8 +22,8 @@ from typing import Any
 from common.messaging import RemoteError
 from common.protocol import (KVHandle, PrefillRequest, PrefillResponse, Role, TransferAddress,
                              encode)
-from workers.base import Worker, client_error
-from workers.engine_loop import RequestAborted, add_engine_request
+from workers.base import Worker
+from workers.engine_loop import RequestAborted
 
 log = logging.getLogger("triad.worker")
 
@@ -45,13 +45,7 @@ class PrefillWorker(Worker):
             return encode(self._respond(req, out))
 
     async def _prefill(self, req: PrefillRequest, items: list[Any]) -> Any:
-        assert self.loop_ is not None
-        try:
-            _, stream = await self.loop_.add_request(
-                req.request_id, add_engine_request, req.request_id, req.token_ids, items,
-                req.sampling, True)
-        except ValueError as exc:
-            raise client_error(400, str(exc)) from exc
+        _, stream = await self.start_request(req, items, prefill_only=True)
         try:
             async for out in stream:
                 if out.finished:

@@ -1,10 +1,15 @@
 """Engine-level benchmark (no HTTP) at the exact Qwen2.5-VL-7B shapes, random weights, bf16.
 
 Measures, on one CUDA GPU, the engine as configured for GPUs (Triton attention, decode CUDA
-graphs, fused MLPs, compiled LM layers and vision blocks; ``--no-compile`` for the eager baseline):
-  1. vision tower images/s for 512x512 images (1296 patches -> 324 LM tokens each), batch 1/8/32;
-  2. TTFT for one 512x512 image + 1000 text tokens: vision tower + prefill + first token, through
-     the engine (add_request with the encoded item, step until the first token);
+graphs, fused MLPs, compiled LM layers and vision blocks, vision CUDA graphs; ``--no-compile`` for
+the eager baseline):
+  1. vision tower images/s for 512x512 images (1296 patches -> 324 LM tokens each), batch 1/8/32,
+     both dispatched op by op ("vision") and replayed as CUDA graphs ("vision_graphs"), each with
+     compiled and with eager blocks (the other setting in a second, vision-only engine; skip it
+     with ``--no-vision-alt``);
+  2. TTFT for one 512x512 image + 1000 text tokens: vision tower (the engine's path: graphs unless
+     ``--no-vision-graphs``) + prefill + first token, through the engine (add_request with the
+     encoded item, step until the first token);
   3. decode output tokens/s by batch size (1, 8, 32, 64, 128) with CUDA graphs, and without them
      at a few sizes for comparison; the GPU time of one graph replay alone.
 Token ids are random (no tokenizer needed); pixel values are random (no image processor).
@@ -29,6 +34,7 @@ from common.protocol import SamplingParams
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.request import MMItem
+from workers.engine.vision_graphs import VisionGraphs
 
 CONFIG_7B = Path(__file__).resolve().parents[2] / "tools" / "configs" / "qwen2_5_vl_7b.json"
 PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
@@ -59,7 +65,7 @@ def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
 
 def random_pixels(n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
     t, h, w = GRID_512
-    grid = torch.tensor([GRID_512] * n_images, device="cuda")
+    grid = torch.tensor([GRID_512] * n_images)  # on the host, as the image processor returns it
     pixels = torch.randn(n_images * t * h * w, PATCH_DIM, device="cuda", dtype=torch.bfloat16)
     return pixels, grid
 
@@ -72,14 +78,40 @@ def random_text(n: int, vocab: int, avoid: int, gen: torch.Generator) -> list[in
 # ----------------------------------------------------------------------------- vision
 
 
-def bench_vision(engine: LLMEngine, batches: list[int], repeat: int) -> dict:
+def bench_vision(encode, batches: list[int], repeat: int) -> dict:
+    """images/s of ``encode(pixels, grid)`` (the first warm-up call also captures a graph)."""
     out = {}
     for bs in batches:
         pixels, grid = random_pixels(bs)
-        times = timed(lambda: engine.model.encode_images(pixels, grid), repeat, warmup=2)
+        times = timed(lambda: encode(pixels, grid), repeat, warmup=2)
         med = statistics.median(times)
         out[bs] = {"median_s": med, "images_per_s": bs / med, "times_s": times}
     return out
+
+
+def bench_vision_paths(engine: LLMEngine, batches: list[int], repeat: int) -> tuple[dict, dict]:
+    """(op-by-op, CUDA graphs) timings of one engine's tower. The graph runner here has no patch
+    cap, so that batch 32 runs as a graph too (the engine's own runner runs it eagerly)."""
+    dispatched = bench_vision(engine.model.encode_images, batches, repeat)
+    t, h, w = GRID_512
+    graphs = VisionGraphs(engine.model.visual, max_patches=max(batches) * t * h * w)
+    graphed = bench_vision(graphs, batches, repeat)
+    assert graphs.num_captures == len(batches) and not graphs.failed, "a vision graph capture failed"
+    return dispatched, graphed
+
+
+def vision_alt_engine(compile_vision: bool) -> LLMEngine:
+    """A vision-only engine with the given block compilation (to compare both under graphs)."""
+    return LLMEngine(EngineConfig(model=str(model_dir()), device="cuda", dtype="bfloat16", load_format="dummy",
+                                  parts=("vision",), compile_vision=compile_vision))
+
+
+def encode_like_engine(engine: LLMEngine, pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+    """The tower as ``LLMEngine.encode_images`` runs it (graphs when on), without the processor."""
+    if engine.vision_graphs is None:
+        return engine.model.encode_images(pixels, grid)
+    grids = [tuple(g) for g in grid.tolist()]
+    return list(engine.vision_graphs(pixels, grids).split([engine.model.tokens_per_image(g) for g in grids]))
 
 
 # ----------------------------------------------------------------------------- TTFT
@@ -88,7 +120,7 @@ def bench_vision(engine: LLMEngine, batches: list[int], repeat: int) -> dict:
 def ttft_once(engine: LLMEngine, rid: str, text: list[int], pixels, grid) -> dict:
     m = engine.model
     t0 = time.perf_counter()
-    embeds = m.encode_images(pixels, grid)[0]
+    embeds = encode_like_engine(engine, pixels, grid)[0]
     item = MMItem(embeds=embeds, num_tokens=int(embeds.shape[0]), extras={"grid_thw": list(GRID_512)})
     half = len(text) // 2
     engine.add_request(rid, text[:half] + [m.image_token_id] + text[half:], [item],
@@ -111,7 +143,7 @@ def bench_ttft(engine: LLMEngine, text_tokens: int, repeat: int) -> dict:
     runs = runs[2:]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {"prompt_tokens": text_tokens + 324, **{k + "_median": v for k, v in med.items()},
-            "runs": runs}
+            "vision_path": "eager" if engine.vision_graphs is None else "graphs", "runs": runs}
 
 
 # ----------------------------------------------------------------------------- decode
@@ -192,6 +224,8 @@ def profiles(engine: LLMEngine, path: str) -> None:
     parts = [profile_table(lambda: engine.model.encode_images(pixels1, grid1), 3, "vision bs 1"),
              profile_table(lambda: engine.model.encode_images(pixels32, grid32), 1, "vision bs 32"),
              profile_table(engine.step, 20, "engine.step, decode batch 1 (graphs)")]
+    if engine.vision_graphs is not None:
+        parts.append(profile_table(lambda: encode_like_engine(engine, pixels1, grid1), 3, "vision bs 1 (graph)"))
     engine.abort("prof")
     Path(path).write_text("".join(parts))
 
@@ -217,16 +251,19 @@ def print_table(r: dict) -> None:
     f = r["floors"]
     print(f"floors: decode b1 {f['decode_floor_ms']:.2f} ms/token ({f['decode_b1_ceiling_tok_s']:.0f} tok/s);"
           f" vision {f['vision_ceiling_images_s']:.0f} images/s at 750 TFLOP/s")
-    for mode in ("eager", "compiled"):
-        for bs, v in r["vision"].get(mode, {}).items():
-            print(f"vision {mode:8s} bs {bs:>3}: {v['images_per_s']:8.1f} images/s ({1e3 * v['median_s']:.1f} ms)")
+    for key, path in (("vision", "op by op"), ("vision_graphs", "graphs")):
+        for mode in ("eager", "compiled"):
+            for bs, v in r.get(key, {}).get(mode, {}).items():
+                print(f"vision {path:8s} {mode:8s} blocks bs {bs:>3}: {v['images_per_s']:8.1f} images/s "
+                      f"({1e3 * v['median_s']:.1f} ms)")
     print_lm("compiled LM: " if not r["args"]["no_compile"] else "eager LM: ", r, r["args"]["ttft_text"])
 
 
 def print_lm(label: str, r: dict, ttft_text: int) -> None:
     t = r["ttft"]
     print(f"{label}TTFT 1 image 512x512 + {ttft_text} text tokens: {1e3 * t['ttft_s_median']:.1f} ms "
-          f"(vision {1e3 * t['vision_s_median']:.1f} ms, prefill+sample {1e3 * t['prefill_s_median']:.1f} ms)")
+          f"(vision {1e3 * t['vision_s_median']:.1f} ms ({t['vision_path']}), "
+          f"prefill+sample {1e3 * t['prefill_s_median']:.1f} ms)")
     for mode, runs in r["decode"].items():
         for b, v in runs.items():
             print(f"{label}decode {mode:6s} batch {b:>3}: {v['tokens_per_s']:9.1f} tokens/s "
@@ -248,6 +285,10 @@ def main() -> int:
     ap.add_argument("--vision-batches", default="1,8,32")
     ap.add_argument("--no-compile", action="store_true",
                     help="engine with compile_lm=False, compile_vision=False (the eager baseline)")
+    ap.add_argument("--no-vision-graphs", action="store_true",
+                    help="engine with vision_cuda_graphs=False (TTFT then encodes op by op)")
+    ap.add_argument("--no-vision-alt", action="store_true",
+                    help="skip the second, vision-only engine with the other compile_vision setting")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", default="", help="write torch.profiler tables to this file")
     a = ap.parse_args()
@@ -256,14 +297,22 @@ def main() -> int:
     engine = LLMEngine(EngineConfig(
         model=str(model_dir()), device="cuda", dtype="bfloat16", load_format="dummy",
         attention_backend="triton", max_num_seqs=max(batches), max_num_batched_tokens=8192,
-        kv_cache_mb=24576, max_model_len=4096, compile_lm=not a.no_compile, compile_vision=not a.no_compile))
+        kv_cache_mb=24576, max_model_len=4096, compile_lm=not a.no_compile, compile_vision=not a.no_compile,
+        vision_cuda_graphs=not a.no_vision_graphs))
     r = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(a),
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "floors": floors(engine),
          "engine_init_s": time.perf_counter() - t0}
     print(f"engine ready in {r['engine_init_s']:.1f}s (weights + KV + compile + graph capture)", flush=True)
     vb = [int(x) for x in a.vision_batches.split(",")]
     mode = "eager" if a.no_compile else "compiled"
-    r["vision"] = {mode: bench_vision(engine, vb, a.repeat)}
+    r["vision"], r["vision_graphs"] = {}, {}
+    r["vision"][mode], r["vision_graphs"][mode] = bench_vision_paths(engine, vb, a.repeat)
+    if not a.no_vision_alt:
+        alt = vision_alt_engine(compile_vision=a.no_compile)
+        other = "compiled" if a.no_compile else "eager"
+        r["vision"][other], r["vision_graphs"][other] = bench_vision_paths(alt, vb, a.repeat)
+        del alt
+        torch.cuda.empty_cache()
     r["ttft"] = bench_ttft(engine, a.ttft_text, a.repeat)
     r["decode"] = bench_decode_all(engine, batches, [int(x) for x in a.eager_batches.split(",") if x],
                                    a.prompt_len, a.new_tokens)

@@ -41,6 +41,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     # torch.compile the vision blocks (CUDA only): ~2x images/s at batch >= 8, ~10 s more start-up.
     compile_vision: bool = True
+    # Run the vision tower through CUDA graphs, one per image-size signature, captured on first use
+    # (CUDA only; at most 8 graphs, batches of at most 16384 patches; larger ones run eagerly).
+    vision_cuda_graphs: bool = True
     # torch.compile the LM decoder layers (CUDA only, with a graph-safe backend such as "triton"):
     # fuses norms, rotary and the MLP's elementwise work; +20% decode tokens/s at batch 1.
     compile_lm: bool = True

@@ -179,6 +179,9 @@ def compile_vision_blocks(visual: torch.nn.Module) -> None:
 
     It fuses the norms, the float32 rotary and the MLP's elementwise work; the attention itself
     stays one eager flash-varlen call (``layers._cuda_varlen`` is excluded from compilation).
+    The longest segment reaches it as a block argument (a Python int, symbolic under
+    ``dynamic=True``, so new image sizes do not recompile). Compiled blocks can be captured in
+    the tower's CUDA graphs (``vision_graphs.VisionGraphs`` warms them on the captured shapes).
     """
     for block in visual.blocks:
         block.compile(dynamic=True)

@@ -48,12 +48,18 @@ class LLMEngine:
     def _prepare_for_cuda(self) -> None:
         """GPU weight layout (exact) and torch.compile of the parts the config asks for (CUDA only,
         before any graph capture)."""
+        self.vision_graphs = None  # VisionGraphs when the tower runs through CUDA graphs
         if self.device.type != "cuda":
             return
         from workers.engine import cuda_graphs
         cuda_graphs.fuse_mlps_for_gpu(self.model)
         if self.config.compile_vision and self.model.has_vision:
             cuda_graphs.compile_vision_blocks(self.model.visual)
+        if self.config.vision_cuda_graphs and self.model.has_vision:
+            # Graphs are captured lazily, per image-size signature (compiled blocks are warmed
+            # with the same shapes first); see workers/engine/vision_graphs.py.
+            from workers.engine.vision_graphs import VisionGraphs
+            self.vision_graphs = VisionGraphs(self.model.visual)
         # The reference backend syncs and loops in Python: compiling around it would only recompile.
         if self.config.compile_lm and self.model.has_lm and getattr(self.model.attn_backend,
                                                                     "supports_cuda_graphs", False):
@@ -97,17 +103,33 @@ class LLMEngine:
         return self._processor
 
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[Image.Image]) -> list[MMItem]:
-        """Preprocess + vision tower: one MMItem per image (works on a vision-only engine)."""
+    def encode_images(self, images: Sequence[Image.Image],
+                      hashes: Sequence[str] | None = None) -> list[MMItem]:
+        """Preprocess + vision tower: one MMItem per image (works on a vision-only engine).
+
+        ``hashes``: the images' content hashes when the caller has them already (a worker hashes
+        the file bytes); otherwise the pixels are hashed here (~1 ms per 512x512 image)."""
         if not self.model.has_vision:
             raise ValueError("this engine was built without the vision part: add 'vision' to parts")
         if not images:
             return []
+        if hashes is not None and len(hashes) != len(images):
+            raise ValueError(f"{len(hashes)} hashes for {len(images)} images")
         pixel_values, grid_thw = self.processor.process(list(images))
-        embeds = self.model.encode_images(pixel_values.to(self.device, self.dtype), grid_thw.to(self.device))
+        if self.device.type == "cuda":  # float32 over pinned memory, cast on the device
+            pixel_values = pixel_values.pin_memory().to(self.device, non_blocking=True)
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        # grid_thw stays on the host: the tower reads it as Python ints (no device round trip).
+        if self.vision_graphs is not None:
+            grids = [tuple(g) for g in grid_thw.tolist()]
+            flat = self.vision_graphs(pixel_values, grids)  # a fresh tensor, not the graph's buffer
+            embeds = flat.split([self.model.tokens_per_image(g) for g in grids])
+        else:
+            embeds = self.model.encode_images(pixel_values, grid_thw)
+        hashes = hashes if hashes is not None else [image_hash(im) for im in images]
         return [MMItem(embeds=e, num_tokens=int(e.shape[0]), extras={"grid_thw": [int(x) for x in g]},
-                       content_hash=image_hash(im))
-                for e, g, im in zip(embeds, grid_thw.tolist(), images)]
+                       content_hash=h)
+                for e, g, h in zip(embeds, grid_thw.tolist(), hashes)]
 
     def _to_items(self, images: Sequence[MMItem | Image.Image]) -> list[MMItem]:
         """MMItems as given; PIL images encoded here, all in one vision-tower call."""

@@ -6,9 +6,11 @@ float32 whatever the weight dtype) so that logits match it to ~1e-5.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -174,6 +176,29 @@ def vision_hw_positions(grid_thw: list[tuple[int, int, int]], merge: int,
     return torch.cat(out, dim=0)
 
 
+def vision_hw_positions_np(grid_thw: list[tuple[int, int, int]], merge: int) -> np.ndarray:
+    """``vision_hw_positions`` on the host: int64 [N, 2] (row, col), the same values and order.
+
+    Why: the tower needs these for every call; building them with numpy costs no device kernels
+    and no sync, and the result can be cached per grid signature and copied over in one go.
+    """
+    out = [_frame_hw_positions(int(h), int(w), merge) for t, h, w in grid_thw for _ in range(t)]
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _frame_hw_positions(h: int, w: int, merge: int) -> np.ndarray:
+    """(row, col) of one frame's patches (memoised: batches repeat image sizes; read-only)."""
+    if h % merge or w % merge:
+        raise ValueError(f"grid {(h, w)}: h and w must be multiples of the merge size {merge}")
+    # Index order: block row, block col, row in block, col in block (the processor's order).
+    br, bc, ir, ic = np.meshgrid(np.arange(h // merge), np.arange(w // merge), np.arange(merge),
+                                 np.arange(merge), indexing="ij")
+    frame = np.stack(((br * merge + ir).ravel(), (bc * merge + ic).ravel()), axis=-1).astype(np.int64)
+    frame.flags.writeable = False
+    return frame
+
+
 # ----------------------------------------------------------------------------- varlen attention
 
 
@@ -184,22 +209,39 @@ def cu_seqlens_from_lengths(lengths: list[int], device: torch.device | None = No
     return cu
 
 
+def cu_seqlens_np(lengths: list[int]) -> tuple[np.ndarray, int]:
+    """``cu_seqlens_from_lengths`` on the host (int32, the same values) and the longest segment.
+
+    The longest segment is what the flash varlen kernel needs as a Python int; knowing it on the
+    host spares the device sync of ``_max_segment``.
+    """
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths, dtype=np.int64), out=cu[1:])
+    return cu.astype(np.int32), max(lengths, default=0)
+
+
 def block_diagonal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Bool [total, total] mask: token i may attend to token j iff they lie in the same segment."""
+    """Bool [total, total] mask: token i may attend to token j iff they lie in the same segment.
+
+    ``output_size`` tells repeat_interleave the result size, so it needs no device sync (and can
+    run inside a CUDA graph: the float32 CUDA path of the tower uses this mask)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths,
+                                  output_size=total)
     return seg[:, None] == seg[None, :]
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, max_seqlen: int | None = None) -> torch.Tensor:
     """Non-causal attention within each [cu[i], cu[i+1]) segment of packed q/k/v ([N, H, D]).
 
     On CUDA (fp16/bf16): the flash varlen kernel over cu_seqlens (no N x N mask, no loop).
     Elsewhere: one SDPA call with a block-diagonal mask (no Python loop over segments).
+    ``max_seqlen``: the longest segment, when the caller knows it on the host (the tower's cached
+    layout does); None reads it from the device once per cu_seqlens tensor (a sync).
     """
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
-        return _cuda_varlen(q, k, v, cu_seqlens, scale)
+        return _cuda_varlen(q, k, v, cu_seqlens, scale, max_seqlen)
     if cu_seqlens.numel() == 2:
         mask = None  # one segment: plain full attention
     else:
@@ -241,10 +283,10 @@ def _max_segment(cu_seqlens: torch.Tensor) -> int:
 
 @torch.compiler.disable
 def _cuda_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, max_seqlen: int | None = None) -> torch.Tensor:
     varlen_attn, accepts_scale = _VARLEN
     cu = cu_seqlens.to(torch.int32)
-    longest = _max_segment(cu_seqlens)
+    longest = _max_segment(cu_seqlens) if max_seqlen is None else int(max_seqlen)
     if accepts_scale:
         return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
     # Older signature (no scale): the kernel uses 1/sqrt(D); fold the difference into q.

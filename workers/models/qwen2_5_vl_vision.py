@@ -5,12 +5,18 @@ blocks in ``fullatt_block_indexes`` attend over the whole image.
 Window attention without a loop over windows: the patches are permuted (at merge-block
 granularity) so every window is a contiguous run, the windows become cu_seqlens segments, and
 ``varlen_attention`` handles all of them in one call. The merger output is permuted back.
+
+The window order is computed on the host (``window_order_np``) and cached with the rest of the
+layout per grid signature (``Qwen2VisionTransformer.layout_for``); ``window_layout`` is the
+original device-side formulation, kept as the reference the host version is tested against.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -18,14 +24,16 @@ from workers.models.layers import (
     GatedMLP,
     RMSNorm,
     cu_seqlens_from_lengths,
-    vision_hw_positions,
+    vision_hw_positions_np,
 )
-from workers.models.qwen2_vl_vision import (
+from workers.models.qwen2_vl_vision import (  # noqa: F401  (permute_blocks: re-exported)
     Grid,
     PatchMerger,
     Qwen2VisionTransformer,
     VisionBlock,
-    grid_list,
+    VisionLayout,
+    layout_to_device,
+    permute_blocks,
 )
 
 
@@ -65,9 +73,35 @@ def window_layout(grids: list[Grid], merge: int, window_merged: int,
     return WindowLayout(torch.cat(orders), cu_seqlens_from_lengths(lengths, device))
 
 
-def permute_blocks(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
-    """Reorder rows of x in groups of ``unit`` consecutive rows (one merge-block per group)."""
-    return x.reshape(-1, unit, *x.shape[1:])[index].reshape(x.shape)
+def window_order_np(grids: list[Grid] | tuple[Grid, ...], merge: int,
+                    window_merged: int) -> tuple[np.ndarray, list[int]]:
+    """``window_layout`` on the host: (int64 merge-block order, window lengths in patches).
+
+    Same values as the device version (a stable sort has one answer), with no kernels and no
+    sync; the windows of a frame are never empty, as ceil division leaves no empty window row.
+    """
+    orders, lengths, offset = [], [], 0
+    for t, h, w in grids:
+        order, frame_lengths = _image_window_order(int(t), int(h), int(w), merge, window_merged)
+        orders.append(order + offset)
+        lengths.extend(frame_lengths)
+        offset += order.size
+    index = np.concatenate(orders) if orders else np.zeros(0, dtype=np.int64)
+    return index, lengths
+
+
+@functools.lru_cache(maxsize=256)
+def _image_window_order(t: int, h: int, w: int, merge: int,
+                        window_merged: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One image's merge-block order and window lengths (memoised: batches repeat image sizes)."""
+    gh, gw = h // merge, w // merge
+    n_wh, n_ww = -(-gh // window_merged), -(-gw // window_merged)
+    frame_ids = ((np.arange(gh)[:, None] // window_merged) * n_ww + np.arange(gw)[None, :] // window_merged).ravel()
+    ids = (np.arange(t)[:, None] * (n_wh * n_ww) + frame_ids[None, :]).ravel()
+    order = np.argsort(ids, kind="stable").astype(np.int64)  # raster order inside each window
+    order.flags.writeable = False
+    counts = np.bincount(ids, minlength=t * n_wh * n_ww)
+    return order, tuple(int(c) * merge * merge for c in counts if c > 0)
 
 
 class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
@@ -92,18 +126,17 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
     def make_merger(self, vc, dim: int) -> nn.Module:
         return PatchMerger(self.out_dim_of(vc), dim, self.merge, rms_norm(dim))
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
-        grids = grid_list(grid_thw)
-        device = self.patch_embed.proj.weight.device
+    def host_layout(self, grids: tuple[Grid, ...], device: torch.device) -> VisionLayout:
+        """Window order, window and frame segments, and the rotary positions already permuted
+        into window order (so cos/sin need no permutation on the device)."""
+        index, window_lengths = window_order_np(grids, self.merge, self.window_merged)
         unit = self.merge * self.merge
-        layout = window_layout(grids, self.merge, self.window_merged, device)
-        x = permute_blocks(self.patch_embed(pixel_values.to(device)), layout.index, unit)
-        cos, sin = self.rotary(vision_hw_positions(grids, self.merge, device))
-        cos, sin = permute_blocks(cos, layout.index, unit), permute_blocks(sin, layout.index, unit)
+        positions = vision_hw_positions_np(grids, self.merge).reshape(-1, unit, 2)[index].reshape(-1, 2)
         # Windows never cross frames, so whole frames stay contiguous after the permutation.
-        cu_full = cu_seqlens_from_lengths([h * w for t, h, w in grids for _ in range(t)], device)
-        for i, block in enumerate(self.blocks):
-            cu = cu_full if i in self.full_attention_blocks else layout.cu_seqlens
-            x = block(x, cu, cos, sin)
-        merged = self.merger(x)
-        return merged[torch.argsort(layout.index)]
+        return layout_to_device(grids, positions, [h * w for t, h, w in grids for _ in range(t)], device,
+                                window_lengths=window_lengths, index=index)
+
+    def block_segments(self, i: int, layout: VisionLayout) -> tuple[torch.Tensor, int]:
+        if i in self.full_attention_blocks:
+            return layout.cu_full, layout.max_full
+        return layout.cu_window, layout.max_window

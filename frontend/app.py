@@ -147,13 +147,17 @@ async def _chat(fe: Frontend, request: Request) -> Response:
     fe.orchestrator.instances(req.model).require_topology()  # 3.
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     run = CompletionRun(fe.orchestrator, served.tokenizer, fe.metrics, request_id, req.model, prompt,
-                        sampling, req.stop_strings(), started=arrived).start()  # 4.
+                        sampling, req.stop_strings(), started=arrived)
+    run.marks.mark("preprocess")  # parse + template + tokenize (+ registry lookup)
+    run.start()  # 4.
     pieces = run.pieces()
     try:  # 5. the first piece (or error) before answering, so worker errors keep their HTTP status
         first = await _unless_disconnected(request, anext(pieces, None))
     except BaseException:
         await pieces.aclose()
         raise
+    run.marks.mark("first_piece")
+    run.marks.log()
     if req.stream:
         body = sse_events(request_id, req.model, first, pieces, run.stats, req.include_usage())
         return SSEResponse(body, on_close=lambda: _stream_closed(fe, run))

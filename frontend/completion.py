@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from common import protocol as P
+from common.timing import Marks
 from frontend.detok import IncrementalDetokenizer, StopMatcher
 from frontend.errors import APIError
 from frontend.metrics import FrontendMetrics
@@ -52,6 +53,7 @@ class CompletionRun:
         self._metrics = metrics
         self._args = (request_id, model, prompt, sampling)
         self.stats = Stats() if started is None else Stats(started=started)  # TTFT counts from arrival
+        self.marks = Marks(request_id, "frontend", t0=self.stats.started)
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -82,9 +84,11 @@ class CompletionRun:
     # ------------------------------------------------------------------ producer side
 
     async def _produce(self) -> None:
-        events = self._orch.generate(*self._args)
+        events = self._orch.generate(*self._args, marks=self.marks)
         try:
             async for event in events:
+                if self.stats.last_token_at is None:
+                    self.marks.mark("first_event")
                 piece = self._on_event(event)
                 if piece is not None:
                     self._queue.put_nowait(piece)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from common import protocol as P
 from common.messaging import MessagingError, Messenger, NoResponders, PayloadTooLarge, RemoteError, RequestTimeout
+from common.timing import Marks
 from frontend.errors import APIError, from_worker, unavailable
 from frontend.preprocess import Prompt
 from frontend.router import ModelInstances, Router, Topology
@@ -73,8 +74,9 @@ class Orchestrator:
         return ModelInstances.from_snapshot(model, self._snapshot())
 
     async def generate(self, request_id: str, model: str, prompt: Prompt,
-                       sampling: P.SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Token events for one request; raises APIError (4xx from workers, 503/504 on failures)."""
+                       sampling: P.SamplingParams, marks: Marks | None = None) -> AsyncIterator[TokenEvent]:
+        """Token events for one request; raises APIError (4xx from workers, 503/504 on failures).
+        ``marks`` (common.timing) gets one stage per hop, up to the first token."""
         topology = self.instances(model).require_topology()
         if topology is Topology.AGG:
             images = tuple(P.ImageInput(media=m) for m in prompt.media)
@@ -83,23 +85,25 @@ class Orchestrator:
             async for delta in self._stream(P.Role.AGG, model, "generate", P.encode(req)):
                 yield _event(delta)
             return
-        async for event in self._disaggregated(request_id, model, prompt, sampling, topology):
+        async for event in self._disaggregated(request_id, model, prompt, sampling, topology, marks):
             yield event
 
     # ------------------------------------------------------------------ disaggregated pipeline
 
     async def _disaggregated(self, request_id: str, model: str, prompt: Prompt, sampling: P.SamplingParams,
-                             topology: Topology) -> AsyncIterator[TokenEvent]:
+                             topology: Topology, marks: Marks | None) -> AsyncIterator[TokenEvent]:
         # 1. encode (E/P/D with images only)
         if topology is Topology.EPD and prompt.media:
             handles = await self._encode_all(request_id, model, prompt.media)
             images = tuple(P.ImageInput(handle=h) for h in handles)
+            _mark(marks, "encode_hop")
         else:
             images = tuple(P.ImageInput(media=m) for m in prompt.media)
         # 2. prefill -> first token + KV handle
         req = P.PrefillRequest(request_id=request_id, model=model, token_ids=prompt.token_ids,
                                images=images, sampling=sampling)
         first, prefill_rec = await self._prefill(req, model)
+        _mark(marks, "prefill_hop")
         if first.kv is None:  # finished at its first token (EOS, max_tokens=1): nothing to decode
             yield TokenEvent((first.first_token,), first.finish_reason or "stop", first.prompt_tokens)
             return
@@ -239,6 +243,11 @@ def _with_first_token(delta: P.TokenDelta, first: P.PrefillResponse) -> P.TokenD
         return delta
     return delta.model_copy(update={"token_ids": (first.first_token, *delta.token_ids),
                                     "prompt_tokens": first.prompt_tokens})
+
+
+def _mark(marks: Marks | None, stage: str) -> None:
+    if marks is not None:
+        marks.mark(stage)
 
 
 def _event(delta: P.TokenDelta) -> TokenEvent:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from common.messaging import StreamContext
 from common.protocol import GenerateRequest, Role
+from common.timing import Marks
 from workers.base import Worker
 from workers.engine_loop import stream_deltas
 
@@ -24,9 +25,13 @@ class AggWorker(Worker):
     uses_transfer = False
 
     async def handle_generate(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+        marks = Marks("?", "agg")
         with self.inflight():
             req: GenerateRequest = self.parse(data, GenerateRequest)
-            items = await self.image_items(req.images)
+            marks.request_id = req.request_id
+            marks.mark("parse")
+            items = await self.image_items(req.images, marks)
             prompt_len, stream = await self.start_request(req, items, prefill_only=False)
-            async for chunk in stream_deltas(self.loop_, req.request_id, stream, prompt_len):
+            async for chunk in stream_deltas(self.loop_, req.request_id, stream, prompt_len,
+                                             marks=marks):
                 yield chunk

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from common.messaging import Messenger, RemoteError, Service
 from common.protocol import (CancelRequest, EmbeddingHandle, InstanceRecord, MediaRef, ModelCard,
                              ProtocolError, Role, decode, encode, instance_prefix,
                              instance_subject, role_subject)
+from common.timing import Marks
 from workers.embedding_cache import CachedEmbedding, EmbeddingCache
 from workers.engine_loop import EngineLoop, add_engine_request
 
@@ -322,16 +324,21 @@ class Worker:
 
     # ------------------------------------------------------------------ media -> embeddings
 
-    async def media_item(self, ref: MediaRef) -> Any:
+    async def media_item(self, ref: MediaRef, marks: Marks | None = None) -> Any:
         """Load one media reference and turn it into an MMItem (vision tower, or the file as is).
 
-        Images are looked up in the embedding cache by the sha256 of their bytes first."""
+        Images are looked up in the embedding cache by the sha256 of their bytes first.
+        ``marks`` gets the fetch/decode and vision-tower times as notes."""
         from workers.engine.request import MMItem
 
+        started = time.perf_counter()
         try:
             loaded = await load_media(ref, self.media_cfg, self.engine.model.hidden_size)
         except MediaError as exc:
             raise client_error(exc.code, exc.message) from exc
+        fetched = time.perf_counter()
+        if marks is not None:
+            marks.note("img_fetch", (fetched - started) * 1e3)
         if isinstance(loaded, LoadedEmbedding):
             return MMItem(embeds=loaded.embeds.to(self.engine.dtype), num_tokens=loaded.embeds.shape[0],
                           extras=_grid_extras(loaded, spatial_merge_size(self.engine.model)),
@@ -339,13 +346,16 @@ class Worker:
         hit = self.cache.get(loaded.content_hash)
         if hit is None:
             assert self.loop_ is not None
-            item = (await self.loop_.call(lambda e: e.encode_images([loaded.image])))[0]
+            item = (await self.loop_.call(lambda e: e.encode_images([loaded.image],
+                                                                    [loaded.content_hash])))[0]
             hit = CachedEmbedding(item.embeds, item.num_tokens, dict(item.extras))
             self.cache.put(loaded.content_hash, hit)
+            if marks is not None:
+                marks.note("img_vision", (time.perf_counter() - fetched) * 1e3)
         return MMItem(embeds=hit.embeds, num_tokens=hit.num_tokens, extras=dict(hit.extras),
                       content_hash=loaded.content_hash)
 
-    async def pull_embedding(self, handle: EmbeddingHandle) -> Any:
+    async def pull_embedding(self, handle: EmbeddingHandle, marks: Marks | None = None) -> Any:
         """Pull an encoder's embedding into a tensor of our own, then tell the owner to free it."""
         from common.transfer import TransferError
         from workers.engine.request import MMItem
@@ -356,11 +366,15 @@ class Worker:
         if not isinstance(dtype, torch.dtype):
             raise client_error(400, f"embedding handle has unknown dtype {handle.dtype!r}")
         dst = torch.empty(tuple(handle.shape), dtype=dtype, device=self.engine.device)  # pulled in place
+        started = time.perf_counter()
         try:
             await self.agent.pull(handle.owner.ucx_address, handle.key, [dst])
         except (TransferError, ValueError) as exc:
             raise RemoteError(503, "unavailable", f"pulling embedding {handle.key} from "
                               f"{handle.owner.instance_id} failed: {exc}") from exc
+        if marks is not None:
+            marks.note("emb_pull", (time.perf_counter() - started) * 1e3)
+            marks.note("emb_mb", dst.numel() * dst.element_size() / 2**20)
         self._spawn(self._release_quietly(handle.owner.ucx_address, handle.key))
         return MMItem(embeds=dst.to(self.engine.device, self.engine.dtype),
                       num_tokens=handle.num_tokens, extras=dict(handle.extras),
@@ -372,15 +386,19 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 (the owner's TTL frees it anyway)
             log.warning("release of %s failed (%s); the owner's TTL will free it", key, exc)
 
-    async def image_items(self, images: tuple[Any, ...]) -> list[Any]:
-        """Every ImageInput of a request as an MMItem, fetched/pulled concurrently, in order."""
+    async def image_items(self, images: tuple[Any, ...], marks: Marks | None = None) -> list[Any]:
+        """Every ImageInput of a request as an MMItem, fetched/pulled concurrently, in order.
+        ``marks`` gets a ``media`` stage (and per-item notes)."""
         async def one(inp: Any) -> Any:
             if inp.handle is not None:
-                return await self.pull_embedding(inp.handle)
+                return await self.pull_embedding(inp.handle, marks)
             if inp.media is not None:
-                return await self.media_item(inp.media)
+                return await self.media_item(inp.media, marks)
             raise client_error(400, "an image input has neither a handle nor a media reference")
-        return list(await asyncio.gather(*(one(i) for i in images)))
+        items = list(await asyncio.gather(*(one(i) for i in images)))
+        if marks is not None:
+            marks.mark("media")
+        return items
 
     async def start_request(self, req: Any, items: list[Any], prefill_only: bool) -> tuple[int, Any]:
         """Queue a prefill/generate request on the engine: (prompt length, its output stream).

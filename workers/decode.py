@@ -19,6 +19,7 @@ from typing import Any
 
 from common.messaging import RemoteError, StreamContext
 from common.protocol import DecodeRequest, Role
+from common.timing import Marks
 from workers.base import Worker, client_error
 from workers.engine_loop import stream_deltas
 
@@ -31,9 +32,12 @@ class DecodeWorker(Worker):
     uses_transfer = True
 
     async def handle_decode(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
+        marks = Marks("?", "decode")
         with self.inflight():
             req: DecodeRequest = self.parse(data, DecodeRequest)
-            await self._import_kv(req)
+            marks.request_id = req.request_id
+            marks.mark("parse")
+            await self._import_kv(req, marks)
             assert self.loop_ is not None
             try:
                 _, stream = await self.loop_.add_request(req.request_id, _add_imported, req)
@@ -41,10 +45,10 @@ class DecodeWorker(Worker):
                 self.loop_.abort(req.request_id)
                 raise client_error(400, str(exc)) from exc
             async for chunk in stream_deltas(self.loop_, req.request_id, stream, req.prompt_tokens,
-                                             first=(req.first_token,)):
+                                             first=(req.first_token,), marks=marks):
                 yield chunk
 
-    async def _import_kv(self, req: DecodeRequest) -> None:
+    async def _import_kv(self, req: DecodeRequest, marks: Marks) -> None:
         if req.kv.layout != self.engine.kv_layout:
             raise client_error(400, f"KV layout {req.kv.layout} of the prefill worker does not "
                                     f"match this decode worker's {self.engine.kv_layout}; run "
@@ -54,7 +58,10 @@ class DecodeWorker(Worker):
             self.loop_.abort(req.request_id)
             raise client_error(400, f"{len(req.kv.block_ids)} KV blocks offered for "
                                     f"{req.kv.num_tokens} tokens; expected {len(blocks)}")
+        marks.mark("reserve")
         await self._pull(req, blocks)
+        marks.mark("kv_pull")
+        marks.note("kv_mb", len(blocks) * self.engine.kv_cache[0].nbytes / 2**20)
 
     async def _reserve(self, req: DecodeRequest) -> list[int]:
         from workers.engine.block_manager import OutOfBlocks

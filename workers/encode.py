@@ -15,6 +15,7 @@ import uuid
 
 from common.protocol import (EmbeddingHandle, EncodeRequest, EncodeResponse, Role,
                              TransferAddress, encode)
+from common.timing import Marks
 from workers.base import Worker
 
 
@@ -25,9 +26,13 @@ class EncodeWorker(Worker):
     publishes_card = False  # the LM side publishes what the frontend needs
 
     async def handle_encode(self, data: bytes) -> bytes:
+        marks = Marks("?", "encode")
         with self.inflight():
             req: EncodeRequest = self.parse(data, EncodeRequest)
-            item = await self.media_item(req.media)
+            marks.request_id = req.request_id
+            marks.mark("parse")
+            item = await self.media_item(req.media, marks)
+            marks.mark("media")
             embeds = item.embeds.contiguous()
             key = f"emb-{req.request_id}-{uuid.uuid4().hex[:8]}"
             remote = self.agent.register(key, [embeds], ttl_s=self.cfg.handle_ttl_s or None)
@@ -36,4 +41,7 @@ class EncodeWorker(Worker):
                 key=key, shape=tuple(embeds.shape), dtype=str(embeds.dtype).removeprefix("torch."),
                 num_tokens=item.num_tokens, extras=item.extras, content_hash=item.content_hash,
                 remote=remote or {})
-            return encode(EncodeResponse(request_id=req.request_id, handle=handle))
+            reply = encode(EncodeResponse(request_id=req.request_id, handle=handle))
+            marks.mark("register")
+            marks.log()
+            return reply

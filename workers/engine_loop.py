@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 _IDLE_STEP_S = 0.0005
+_STATS_EVERY_S = 10.0  # how often a busy engine logs where its step time went
 
 
 class EngineStepError(RuntimeError):
@@ -55,6 +56,18 @@ class RequestStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        # perf_counter times, set on the engine thread (read after the first output arrived):
+        # the request entered the engine; the step that produced its first output began / ended.
+        self.added_at = 0.0
+        self.first_step_at = 0.0
+        self.first_output_at = 0.0
+
+    def mark_first_output(self, marks: Any) -> None:
+        """Add the engine-side stages of the first output to a ``common.timing.Marks``."""
+        marks.mark("to_engine", self.added_at)
+        marks.mark("engine_wait", self.first_step_at)
+        marks.mark("engine_step", self.first_output_at)
+        marks.mark("handoff")
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._iterate()
@@ -95,6 +108,8 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}  # touched on the engine thread only
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._stopped = threading.Event()
+        self._stats_since = time.perf_counter()
+        self._deliver_s = 0.0  # time handing outputs to the event loop (also host time)
 
     def start(self) -> None:
         self._thread.start()
@@ -168,11 +183,13 @@ class EngineLoop:
                 self._loop.call_soon_threadsafe(_set_exception, fut, exc)
             return
         if stream is not None:
+            stream.added_at = time.perf_counter()
             self._streams[stream.request_id] = stream
         if fut is not None:
             self._loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 (fail the active requests, keep serving)
@@ -182,14 +199,28 @@ class EngineLoop:
         if not outputs:
             time.sleep(_IDLE_STEP_S)  # nothing came out (a chunk, or waiting for blocks): don't spin
         ready = []
+        ended = time.perf_counter()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
             if stream is not None:
+                if not stream.first_output_at:
+                    stream.first_step_at, stream.first_output_at = started, ended
                 ready.append((stream.queue, out))
         if ready:
             self._loop.call_soon_threadsafe(_deliver, ready)
+        self._deliver_s += time.perf_counter() - ended
+        self._log_stats(ended)
+
+    def _log_stats(self, now: float) -> None:
+        """Every _STATS_EVERY_S while busy: one line on where the engine's step time went."""
+        stats = getattr(self.engine, "stats", None)
+        if stats is None or now - self._stats_since < _STATS_EVERY_S or not stats.steps:
+            return
+        wall, steps = now - self._stats_since, stats.steps
+        log.info("engine: %s deliver %.2f", stats.take().line(wall), 1e3 * self._deliver_s / steps)
+        self._stats_since, self._deliver_s = now, 0.0
 
     def _abort_on_thread(self, engine: Any, request_id: str) -> None:
         _abort(engine, request_id)
@@ -205,10 +236,12 @@ class EngineLoop:
 
 
 async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: RequestStream,
-                        prompt_tokens: int, first: tuple[int, ...] = ()) -> Any:
+                        prompt_tokens: int, first: tuple[int, ...] = (), marks: Any = None) -> Any:
     """StepOutputs -> encoded TokenDeltas; the first carries ``prompt_tokens`` (and ``first``).
     Outputs that queued up while the consumer was busy go out together, as one delta.
 
+    ``marks`` (a ``common.timing.Marks``) gets the engine-side stages of the first engine output
+    and the time to hand its delta to the messaging layer, then is logged.
     Leaving early (client cancel, worker stopping) aborts the request in the engine."""
     finished = sent_prompt = False
     try:
@@ -219,9 +252,15 @@ async def stream_deltas(loop: EngineLoop | None, request_id: str, stream: Reques
             last = batch[-1]
             finished = bool(last.finished)
             token_ids = tuple(t for out in batch for t in out.new_token_ids)
+            if marks is not None:
+                stream.mark_first_output(marks)
             yield encode(TokenDelta(request_id=request_id, token_ids=token_ids,
                                     finish_reason=last.finish_reason if finished else None,
                                     prompt_tokens=None if sent_prompt else prompt_tokens))
+            if marks is not None:  # resumed: the messaging layer has sent the first delta
+                marks.mark("publish")
+                marks.log()
+                marks = None
             sent_prompt = True
     except RequestAborted:
         finished = True

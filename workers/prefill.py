@@ -22,6 +22,7 @@ from typing import Any
 from common.messaging import RemoteError
 from common.protocol import (KVHandle, PrefillRequest, PrefillResponse, Role, TransferAddress,
                              encode)
+from common.timing import Marks
 from workers.base import Worker
 from workers.engine_loop import RequestAborted
 
@@ -38,17 +39,24 @@ class PrefillWorker(Worker):
         self._exports: dict[str, str] = {}  # request_id -> transfer key of its pinned KV
 
     async def handle_prefill(self, data: bytes) -> bytes:
+        marks = Marks("?", "prefill")
         with self.inflight():
             req: PrefillRequest = self.parse(data, PrefillRequest)
-            items = await self.image_items(req.images)
-            out = await self._prefill(req, items)
-            return encode(self._respond(req, out))
+            marks.request_id = req.request_id
+            marks.mark("parse")
+            items = await self.image_items(req.images, marks)
+            out = await self._prefill(req, items, marks)
+            reply = encode(self._respond(req, out))
+            marks.mark("export")
+            marks.log()
+            return reply
 
-    async def _prefill(self, req: PrefillRequest, items: list[Any]) -> Any:
+    async def _prefill(self, req: PrefillRequest, items: list[Any], marks: Marks) -> Any:
         _, stream = await self.start_request(req, items, prefill_only=True)
         try:
             async for out in stream:
                 if out.finished:
+                    stream.mark_first_output(marks)
                     return out
         except RequestAborted as exc:
             raise RemoteError(499, "cancelled", f"request {req.request_id} was cancelled") from exc

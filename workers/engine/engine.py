@@ -6,7 +6,9 @@ tensors (``kv_cache`` blocks, MMItem embeddings) themselves. See docs/interfaces
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -25,6 +27,46 @@ from workers.models.loader import load_model
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@dataclass
+class StepStats:
+    """Sums over steps since the last ``take()``, split where the host waits for the device.
+
+    schedule: picking chunks and blocks; launch: building inputs and queueing the forward (CUDA:
+    asynchronous, so host work); sample: sampling, which ends with the copy of the tokens to the
+    host, so it includes waiting for the forward to finish; outputs: appending tokens, stop
+    checks, StepOutputs. On CUDA a large ``sample`` share means the device bounds the step.
+    """
+
+    steps: int = 0
+    tokens: int = 0  # tokens run through the model (prefill chunks + decode rows)
+    rows: int = 0  # sequences in the steps
+    schedule_s: float = 0.0
+    launch_s: float = 0.0
+    sample_s: float = 0.0
+    outputs_s: float = 0.0
+
+    def add(self, chunks: list, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+        self.steps += 1
+        self.rows += len(chunks)
+        self.tokens += sum(c.end - c.start for c in chunks)
+        self.schedule_s += t1 - t0
+        self.launch_s += t2 - t1
+        self.sample_s += t3 - t2
+        self.outputs_s += t4 - t3
+
+    def take(self) -> "StepStats":
+        """These sums, and start afresh."""
+        out = StepStats(**vars(self))
+        self.__init__()  # type: ignore[misc]
+        return out
+
+    def line(self, wall_s: float) -> str:
+        n = max(self.steps, 1)
+        ms = {k: 1e3 * getattr(self, f"{k}_s") / n for k in ("schedule", "launch", "sample", "outputs")}
+        return (f"{self.steps} steps in {wall_s:.1f} s, {self.rows / n:.1f} seqs and {self.tokens / n:.0f} "
+                f"tokens per step; ms per step: " + " ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+
+
 class LLMEngine:
     """One model, one KV cache, one scheduler. Single-threaded."""
 
@@ -41,6 +83,7 @@ class LLMEngine:
         self.reserved: dict[str, list[int]] = {}  # blocks handed out by reserve_import
         self._ready: list[StepOutput] = []  # outputs produced outside step() (imports that end at once)
         self.num_preemptions = 0  # requests recomputed because blocks ran out (a metric)
+        self.stats = StepStats()  # where step time goes (host vs waiting for the device)
         self.kv_cache: torch.Tensor | None = None
         if self.model.has_lm:
             self._init_lm()
@@ -205,18 +248,25 @@ class LLMEngine:
         outputs, self._ready = self._ready, []
         if not self.model.has_lm:
             return outputs
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         for req in sched.starved:
             outputs.append(self._finish(req, "length", []))
         if not sched.chunks:
             return outputs
+        t1 = time.perf_counter()
         logits, reqs = self.runner.execute(sched.chunks)
         for chunk in sched.chunks:
             chunk.req.num_computed = chunk.end
+        t2 = time.perf_counter()
         if reqs:
             tokens = self.sampler(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+            t3 = time.perf_counter()
             outputs.extend(self._on_token(r, t) for r, t in zip(reqs, tokens))
+        else:
+            t3 = t2
+        self.stats.add(sched.chunks, t0, t1, t2, t3, time.perf_counter())
         return outputs
 
     def _on_token(self, req: Request, token: int) -> StepOutput:

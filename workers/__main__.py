@@ -25,6 +25,8 @@ _HELP = {
     "cuda_graphs": "capture decode steps as CUDA graphs (CUDA with the triton backend only)",
     "compile_lm": "torch.compile the LM decoder layers (CUDA only)",
     "compile_vision": "torch.compile the vision blocks (CUDA only)",
+    "stream_interval": "engine steps between two deltas of a stream; 0 = from the load (1 up to 32 "
+                       "running requests, at most 4)",
     "vision_cuda_graphs": "run the vision tower through CUDA graphs, one per image-size signature (CUDA only)",
 }
 

@@ -73,6 +73,9 @@ class WorkerConfig:
     # Requests one worker takes at once (running, queued in the engine, or loading media); more get
     # a 503 "overloaded" at once instead of piling up. 0: 4 x max_num_seqs.
     max_inflight: int = 0
+    # Engine steps between two deltas of one stream: 0 picks it from the load (1 up to 32 running
+    # requests, at most 4), N >= 1 fixes it (1: a delta every step). See workers/engine_loop.py.
+    stream_interval: int = 0
     instance_id: str = ""  # default: <role>-<host>-<pid>-<random>
 
     def __post_init__(self) -> None:
@@ -87,7 +90,7 @@ class WorkerConfig:
         if self.attention_backend == "auto":
             object.__setattr__(self, "attention_backend", default_attention_backend(self.device))
         for name in ("embedding_cache_mb", "handle_ttl_s", "transfer_timeout_s", "drain_timeout_s",
-                     "max_inflight"):
+                     "max_inflight", "stream_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.max_inflight:
@@ -175,7 +178,8 @@ class Worker:
         engine_cfg = self.cfg.engine_config()
         log.info("loading %s (parts %s) on %s", self.cfg.model, engine_cfg.parts, self.cfg.device)
         self.engine = await asyncio.to_thread(LLMEngine, engine_cfg)
-        self.loop_ = EngineLoop(self.engine, name=f"engine-{self.role.value}")
+        self.loop_ = EngineLoop(self.engine, name=f"engine-{self.role.value}",
+                                stream_interval=self.cfg.stream_interval)
         self.loop_.start()
 
     async def _connect(self) -> tuple[Any, Messenger]:

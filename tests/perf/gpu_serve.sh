@@ -15,7 +15,12 @@
 #   6. stop the launcher by PID; print CPU seconds per process for each phase; save the warnings
 #      and errors of every process's log to $OUT/logs.txt.
 # Knobs: PHASES="ttft tput tput_img", TPUT_PROMPTS (per level), WORKER_EXTRA (more worker flags);
-# for a CPU dry run: PY=.venv/bin/python SKIP_WHEELS=1 DEVICE_ARGS="--device cpu" CONFIG=<tiny config>.
+#   NAME (prefix of the result files), LAUNCHER=agg|disagg|epd (all workers on the one GPU),
+#   RESULTS (folder for the JSON and logs; default $OUT), DEADLINE_EPOCH (absolute end, date +%s,
+#   for several runs in one device call), PY_SWITCH_INTERVAL (seconds; sys.setswitchinterval in
+#   every Python process, through a sitecustomize on PYTHONPATH);
+# for a CPU dry run: PY=.venv/bin/python SKIP_WHEELS=1 DEVICE_ARGS="--device cpu" CONFIG=<tiny config>
+#   SIZE_ARGS="--max-num-seqs 8 --kv-cache-mb 64" (SIZE_ARGS replaces the engine sizing flags).
 # The carried folders (git-ignored; ~27 MB; device tool: carry=[".whl/serve", ".whl/bin"]):
 #   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -27,25 +32,40 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 OUT=${OUT:-$REPO/gpu_serve_out}
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-$OUT}
+NAME=${NAME:-agg}
+LAUNCHER=${LAUNCHER:-agg}
+mkdir -p "$OUT" "$RESULTS"
 PY=${PY:-$(command -v python3)}
 CONFIG=${CONFIG:-tools/configs/qwen2_5_vl_7b.json}
 DEVICE_ARGS=${DEVICE_ARGS:-"--device cuda --dtype bfloat16"}
 PHASES=${PHASES:-"ttft tput tput_img"}
 TPUT_PROMPTS=${TPUT_PROMPTS:-256}
 DEADLINE=$((SECONDS + ${TIME_BUDGET_S:-560}))  # the device call's limit is 600 s
+if [ -n "${DEADLINE_EPOCH:-}" ]; then DEADLINE=$((SECONDS + DEADLINE_EPOCH - $(date +%s))); fi
 MODEL_DIR=${MODEL_DIR:-/tmp/qwen2_5_vl_7b_dummy}
-RUN_DIR=/tmp/triad-run
-LAUNCH_LOG=/tmp/triad-launch.log  # kept out of $OUT: at most 8 files come back
+RUN_DIR=/tmp/triad-run-$NAME
+LAUNCH_LOG=/tmp/triad-launch-$NAME.log  # kept out of $OUT: at most 8 files come back
 LAUNCH_PID=""
 
 say() { echo "[gpu_serve $(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
 install_wheels() {
     if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/serve/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/serve/*.whl || return 1  # ~10 s
+        local stamp
+        stamp="/tmp/site/.triad-$(ls .whl/serve | md5sum | cut -c1-12)"  # once per wheel set
+        [ -f "$stamp" ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target /tmp/site .whl/serve/*.whl && touch "$stamp"; } || return 1  # ~10 s
         export PYTHONPATH=/tmp/site
+    fi
+    if [ -z "${SKIP_WHEELS:-}" ] && [ -f .whl/ucx/ucxsite.tar.xz ]; then  # ucxx + libucx (CUDA 13)
+        [ -d /tmp/ucxsite ] || { mkdir -p /tmp/ucxsite && tar -xJf .whl/ucx/ucxsite.tar.xz -C /tmp/ucxsite; } || return 1
+        export PYTHONPATH=/tmp/ucxsite${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    if [ -n "${PY_SWITCH_INTERVAL:-}" ]; then
+        mkdir -p /tmp/triad-swi
+        echo "import sys; sys.setswitchinterval($PY_SWITCH_INTERVAL)" >/tmp/triad-swi/sitecustomize.py
+        export PYTHONPATH=/tmp/triad-swi${PYTHONPATH:+:$PYTHONPATH}
     fi
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 }
@@ -103,9 +123,9 @@ start_cluster() {
     rm -rf "$RUN_DIR"
     unset ETCD_ENDPOINTS NATS_SERVER
     MODEL=$MODEL_DIR HTTP_PORT=$port TRIAD_PYTHON=$PY TRIAD_RUN_DIR=$RUN_DIR STARTUP_TIMEOUT=420 \
-    WORKER_ARGS="$DEVICE_ARGS --load-format dummy --max-num-seqs 128 \
---max-num-batched-tokens 8192 --max-model-len 4096 --kv-cache-mb 32768 ${WORKER_EXTRA:-}" \
-        setsid bash launch/agg.sh >"$LAUNCH_LOG" 2>&1 </dev/null &
+    WORKER_ARGS="$DEVICE_ARGS --load-format dummy ${SIZE_ARGS:---max-num-seqs 128 \
+--max-num-batched-tokens 8192 --max-model-len 4096 --kv-cache-mb 32768} ${WORKER_EXTRA:-}" \
+        setsid bash "launch/$LAUNCHER.sh" >"$LAUNCH_LOG" 2>&1 </dev/null &
     LAUNCH_PID=$!
     say "launcher pid $LAUNCH_PID, $BASE_URL"
     until grep -q "TRIAD READY" "$LAUNCH_LOG"; do
@@ -133,10 +153,23 @@ bench() {  # name max_seconds bench-client args...
     [ "$limit" -gt "$left" ] && limit=$left
     say "bench $name (limit ${limit}s)"
     cpu_seconds "before $name"
+    local f lines=/tmp/triad-lines-$NAME-$name
+    for f in "$RUN_DIR"/*.log; do echo "$f $(wc -l <"$f")"; done >"$lines"
     timeout "$limit" "$PY" -m tools.bench.serve --base-url "$BASE_URL" --tokenizer "$MODEL_DIR" \
-        --result-json "$OUT/$name.json" "$@"
+        --result-json "$RESULTS/$NAME-$name.json" "$@"
     say "bench $name exit $?"
     cpu_seconds "after $name"
+    phase_timing "$name" "$lines"
+}
+
+phase_timing() {  # name lines-file: per-stage TTFT table of the log lines this phase wrote
+    local dir=/tmp/triad-phase-$NAME-$1 f n
+    rm -rf "$dir"; mkdir -p "$dir"
+    while read -r f n; do tail -n +"$((n + 1))" "$f" >"$dir/$(basename "$f")"; done <"$2"
+    "$PY" tests/perf/timing_report.py "$dir"/*.log --json "$RESULTS/$NAME-$1-timing.json"
+    for f in "$dir"/*-[0-9].log; do  # each worker's last step-time line of this phase
+        grep -h "engine: " "$f" | tail -n 1 | sed "s|^|$(basename "$f" .log) |"
+    done
 }
 
 run_phases() {
@@ -148,10 +181,10 @@ run_phases() {
             ttft_text) bench ttft_text 60 --num-prompts 20 --concurrency 1 --warmup 3 --images-per-request 0 \
                       --input-tokens 1000 --output-tokens 16 ;;
             tput) bench tput 240 --num-prompts "$TPUT_PROMPTS" --concurrency 64,128 --warmup 8 \
-                      --images-per-request 0 --input-tokens 1000 --output-tokens 1000 --plot "$OUT/tput.png" ;;
+                      --images-per-request 0 --input-tokens 1000 --output-tokens 1000 --plot "$RESULTS/$NAME-tput.png" ;;
             tput_img) bench tput_img 200 --num-prompts "$TPUT_PROMPTS" --concurrency 64,128 --warmup 4 \
                       --images-per-request 1 --image-size 512x512 --input-tokens 1000 --output-tokens 1000 \
-                      --plot "$OUT/tput_img.png" ;;
+                      --plot "$RESULTS/$NAME-tput_img.png" ;;
         esac
     done
 }
@@ -178,9 +211,10 @@ save_logs() {  # warnings and errors of every process (NATS slow consumers, work
         done
         echo "===== launcher"; tail -n 30 "$LAUNCH_LOG"
         echo "===== frontend /metrics"; grep -E "^triad_(requests|prompt|completion)" "$RUN_DIR/metrics.log"
-    } >"$OUT/logs.txt" 2>&1
-    grep -c . "$OUT/logs.txt" | sed 's/^/log lines saved: /'
+    } >"$RESULTS/$NAME-logs.txt" 2>&1
+    grep -c . "$RESULTS/$NAME-logs.txt" | sed 's/^/log lines saved: /'
+    tar -czf "$RESULTS/$NAME-runlogs.tgz" -C "$RUN_DIR" --exclude=etcd-data . 2>/dev/null
 }
 
-main 2>&1 | tee "$OUT/serve.log"
+main 2>&1 | tee "$RESULTS/$NAME-serve.log"
 exit "${PIPESTATUS[0]}"

@@ -136,3 +136,22 @@ def test_plot_writes_png(tmp_path) -> None:
     levels = [aggregate([rec], 1.0, c, math.inf, 2).to_json() for c in (1, 2, 4)]
     out = plot_levels(levels, tmp_path / "p.png", title="t")
     assert Image.open(out).format == "PNG"
+
+
+def test_compare_plot_from_result_files(tmp_path) -> None:
+    import json
+
+    from tools.bench.plot import main
+
+    def level(c: int, tput: float) -> dict:
+        lat = {"mean": 10.0 * c, "p50": 9.0 * c, "p90": 12.0 * c, "p99": 15.0 * c}
+        return {"concurrency": c, "output_throughput": tput, "ttft_ms": lat, "tpot_ms": lat}
+
+    for name, scale in (("a", 1.0), ("b", 0.9)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"levels": [level(64, 5000 * scale),
+                                                                       level(128, 7000 * scale)]}))
+    out = tmp_path / "cmp.png"
+    assert main([str(out), f"agg={tmp_path / 'a.json'}", f"epd={tmp_path / 'b.json'}", "--title", "t"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main([str(out), "no-label.json"])

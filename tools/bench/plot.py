@@ -65,3 +65,59 @@ def _log_x(ax: Any, xs: list[int]) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([str(x) for x in xs])
     ax.grid(True, alpha=0.3)
+
+
+def plot_compare(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """One PNG comparing several sweeps (e.g. agg vs E/P/D, text vs image requests): output
+    tokens/s, TTFT p50 and TPOT mean against concurrency, one line per run (label -> levels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("output_throughput", None, "output tokens / s"), ("ttft_ms", "p50", "TTFT p50 (ms)"),
+              ("tpot_ms", "mean", "TPOT mean (ms)"))
+    for ax, (metric, stat, name) in zip(axes, panels):
+        xs_all: list[int] = []
+        for label, levels in runs.items():
+            xs = [lv["concurrency"] for lv in levels]
+            ys = [lv[metric] if stat is None else lv[metric][stat] for lv in levels]
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], "o-", label=label)
+            xs_all.extend(x for x in xs if x not in xs_all)
+        ax.set_xlabel("concurrency")
+        ax.set_title(name)
+        _log_x(ax, sorted(xs_all))
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m tools.bench.plot OUT.png LABEL=RESULT.json [LABEL=RESULT.json ...] [--title T]"""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=plot_compare.__doc__)
+    ap.add_argument("out")
+    ap.add_argument("runs", nargs="+", help="LABEL=path to a --result-json file of tools.bench.serve")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args(argv)
+    runs = {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            ap.error(f"{item!r}: write LABEL=RESULT.json")
+        runs[label] = json.loads(Path(path).read_text())["levels"]
+    print(plot_compare(runs, args.out, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

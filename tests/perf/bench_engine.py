@@ -39,7 +39,14 @@ from workers.engine.vision_graphs import VisionGraphs
 CONFIG_7B = Path(__file__).resolve().parents[2] / "tools" / "configs" / "qwen2_5_vl_7b.json"
 PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
 GRID_512 = (1, 36, 36)  # a 512x512 image after the processor's resize to multiples of 28
-HBM_BYTES_PER_S = 2.95e12  # measured H100 device copy (bytes read + written per s), taken as the read rate
+# Device copy rates measured on this workplace's machines (bytes read + written per s), taken as
+# the read rate: H100 80GB HBM3 ~2.95 TB/s, H200 ~4.3 TB/s. Unknown devices use the H100's.
+HBM_BYTES_PER_S = {"H100": 2.95e12, "H200": 4.3e12}
+
+
+def hbm_bytes_per_s() -> float:
+    name = torch.cuda.get_device_name()
+    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), HBM_BYTES_PER_S["H100"])
 
 
 def model_dir() -> Path:
@@ -240,8 +247,9 @@ def floors(engine: LLMEngine) -> dict:
     vis_params = sum(p.numel() for p in engine.model.visual.parameters())
     patches = GRID_512[0] * GRID_512[1] * GRID_512[2]
     vision_flops = 2 * vis_params * patches  # matmuls; attention adds ~4%
-    return {"lm_weight_bytes": lm_bytes, "decode_floor_ms": 1e3 * lm_bytes / HBM_BYTES_PER_S,
-            "decode_b1_ceiling_tok_s": HBM_BYTES_PER_S / lm_bytes,
+    rate = hbm_bytes_per_s()
+    return {"lm_weight_bytes": lm_bytes, "hbm_bytes_per_s": rate, "decode_floor_ms": 1e3 * lm_bytes / rate,
+            "decode_b1_ceiling_tok_s": rate / lm_bytes,
             "vision_flops_per_image": vision_flops,
             "vision_ceiling_images_s": 750e12 / vision_flops}
 

@@ -2,14 +2,16 @@
 # GPU tests + engine benchmark, in one go on a CUDA machine (the lent H100: see docs/gpu-notes.md).
 #   tests/perf/gpu_check.sh [bench_engine.py args...]
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_out.
-# Packages the GPU image lacks (pydantic, for common.protocol) travel as wheels in .whl/engine.
+# Packages the GPU image lacks (pydantic, for common.protocol) travel as wheels in .whl/serve
+# (tests/perf/make_device_bundle.sh) or, as before, .whl/engine.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-if ls .whl/engine/*.whl >/dev/null 2>&1 && ! python3 -c "import pydantic" 2>/dev/null; then
+WHEELS=$(ls -d .whl/serve .whl/engine 2>/dev/null | head -n 1)
+if [ -n "$WHEELS" ] && ! python3 -c "import pydantic" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/engine/*.whl || exit 1
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1

@@ -21,12 +21,18 @@ def plot_levels(levels: Sequence[dict[str, Any]], path: str | Path, title: str =
     _throughput_panel(left, xs, levels)
     _latency_panel(mid, xs, levels, "ttft_ms", "TTFT")
     _latency_panel(right, xs, levels, "tpot_ms", "TPOT")
+    return _save(fig, path, title, dpi=110)
+
+
+def _save(fig: Any, path: str | Path, title: str, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -89,14 +95,7 @@ def plot_compare(runs: dict[str, Sequence[dict[str, Any]]], path: str | Path, ti
         ax.set_title(name)
         _log_x(ax, sorted(xs_all))
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path, title, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

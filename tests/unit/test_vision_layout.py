@@ -12,10 +12,12 @@ import torch
 
 from workers.base import WorkerConfig
 from workers.models import qwen2_vl_vision
+from tests.unit.vision_reference import vision_hw_positions, window_layout
 from workers.models.layers import (block_diagonal_mask, cu_seqlens_from_lengths, cu_seqlens_np,
-                                   vision_hw_positions, vision_hw_positions_np)
+                                   vision_hw_positions_np)
 from workers.models.loader import load_model
-from workers.models.qwen2_5_vl_vision import permute_blocks, window_layout, window_order_np
+from workers.models.qwen2_5_vl_vision import window_order_np
+from workers.models.qwen2_vl_vision import permute_blocks
 
 PATCH_DIM = 3 * 2 * 14 * 14
 

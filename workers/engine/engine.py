@@ -162,17 +162,14 @@ class LLMEngine:
         if self.device.type == "cuda":  # float32 over pinned memory, cast on the device
             pixel_values = pixel_values.pin_memory().to(self.device, non_blocking=True)
         pixel_values = pixel_values.to(self.device, self.dtype)
-        # grid_thw stays on the host: the tower reads it as Python ints (no device round trip).
-        if self.vision_graphs is not None:
-            grids = [tuple(g) for g in grid_thw.tolist()]
-            flat = self.vision_graphs(pixel_values, grids)  # a fresh tensor, not the graph's buffer
-            embeds = flat.split([self.model.tokens_per_image(g) for g in grids])
-        else:
-            embeds = self.model.encode_images(pixel_values, grid_thw)
+        # The grids stay on the host: the tower reads them as Python ints (no device round trip).
+        grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
+        # The graphs return a fresh tensor, never their static buffer.
+        tower = self.vision_graphs if self.vision_graphs is not None else self.model.visual
+        embeds = tower(pixel_values, grids).split([self.model.tokens_per_image(g) for g in grids])
         hashes = hashes if hashes is not None else [image_hash(im) for im in images]
-        return [MMItem(embeds=e, num_tokens=int(e.shape[0]), extras={"grid_thw": [int(x) for x in g]},
-                       content_hash=h)
-                for e, g, h in zip(embeds, grid_thw.tolist(), hashes)]
+        return [MMItem(embeds=e, num_tokens=int(e.shape[0]), extras={"grid_thw": list(g)}, content_hash=h)
+                for e, g, h in zip(embeds, grids, hashes)]
 
     def _to_items(self, images: Sequence[MMItem | Image.Image]) -> list[MMItem]:
         """MMItems as given; PIL images encoded here, all in one vision-tower call."""

@@ -161,26 +161,13 @@ class VisionRotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def vision_hw_positions(grid_thw: list[tuple[int, int, int]], merge: int,
-                        device: torch.device | None = None) -> torch.Tensor:
-    """(row, col) of every patch, in the order the image processor emits patches: frames, then
-    merge-blocks in raster order, then the merge x merge patches of a block in raster order."""
-    out = []
-    for t, h, w in grid_thw:
-        rows = torch.arange(h, device=device)[:, None].expand(h, w)
-        cols = torch.arange(w, device=device)[None, :].expand(h, w)
-        shape = (h // merge, merge, w // merge, merge)
-        rows = rows.reshape(shape).transpose(1, 2).flatten()
-        cols = cols.reshape(shape).transpose(1, 2).flatten()
-        out.append(torch.stack((rows, cols), dim=-1).repeat(t, 1))
-    return torch.cat(out, dim=0)
-
-
 def vision_hw_positions_np(grid_thw: list[tuple[int, int, int]], merge: int) -> np.ndarray:
-    """``vision_hw_positions`` on the host: int64 [N, 2] (row, col), the same values and order.
+    """(row, col) of every patch, int64 [N, 2], in the order the image processor emits patches:
+    frames, then merge-blocks in raster order, then the merge x merge patches of a block in raster
+    order.
 
-    Why: the tower needs these for every call; building them with numpy costs no device kernels
-    and no sync, and the result can be cached per grid signature and copied over in one go.
+    Built on the host: no device kernels and no sync, so the result can be cached per grid
+    signature and copied over in one go (the device-side original is tests/unit/vision_reference.py).
     """
     out = [_frame_hw_positions(int(h), int(w), merge) for t, h, w in grid_thw for _ in range(t)]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)

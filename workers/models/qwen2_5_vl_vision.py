@@ -7,14 +7,13 @@ granularity) so every window is a contiguous run, the windows become cu_seqlens 
 ``varlen_attention`` handles all of them in one call. The merger output is permuted back.
 
 The window order is computed on the host (``window_order_np``) and cached with the rest of the
-layout per grid signature (``Qwen2VisionTransformer.layout_for``); ``window_layout`` is the
-original device-side formulation, kept as the reference the host version is tested against.
+layout per grid signature (``Qwen2VisionTransformer.layout_for``); tests/unit/vision_reference.py
+keeps the original device-side formulation, which the host version is tested against.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,54 +22,20 @@ import torch.nn as nn
 from workers.models.layers import (
     GatedMLP,
     RMSNorm,
-    cu_seqlens_from_lengths,
     vision_hw_positions_np,
 )
-from workers.models.qwen2_vl_vision import (  # noqa: F401  (permute_blocks: re-exported)
+from workers.models.qwen2_vl_vision import (
     Grid,
     PatchMerger,
     Qwen2VisionTransformer,
     VisionBlock,
     VisionLayout,
     layout_to_device,
-    permute_blocks,
 )
 
 
 def rms_norm(dim: int) -> nn.Module:
     return RMSNorm(dim, eps=1e-6)
-
-
-@dataclass(frozen=True)
-class WindowLayout:
-    """How merge-blocks are reordered into windows.
-
-    index: LongTensor[num_merge_blocks], new order of the merge-blocks (windows contiguous).
-    cu_seqlens: int32[num_windows + 1], window boundaries in patches (after reordering).
-    """
-
-    index: torch.Tensor
-    cu_seqlens: torch.Tensor
-
-
-def window_layout(grids: list[Grid], merge: int, window_merged: int,
-                  device: torch.device | None = None) -> WindowLayout:
-    """Windows of ``window_merged`` x ``window_merged`` merge-blocks per frame, in raster order of
-    windows and raster order inside a window (edge windows are smaller)."""
-    orders, lengths, offset = [], [], 0
-    for t, h, w in grids:
-        gh, gw = h // merge, w // merge
-        n_wh, n_ww = -(-gh // window_merged), -(-gw // window_merged)
-        rows = torch.arange(gh, device=device)[:, None] // window_merged
-        cols = torch.arange(gw, device=device)[None, :] // window_merged
-        frame_ids = (rows * n_ww + cols).flatten()
-        ids = (torch.arange(t, device=device)[:, None] * (n_wh * n_ww) + frame_ids[None, :]).flatten()
-        # Stable sort keeps raster order inside each window.
-        orders.append(torch.argsort(ids, stable=True) + offset)
-        counts = torch.bincount(ids, minlength=t * n_wh * n_ww)
-        lengths.extend(int(c) * merge * merge for c in counts.tolist() if c > 0)
-        offset += t * gh * gw
-    return WindowLayout(torch.cat(orders), cu_seqlens_from_lengths(lengths, device))
 
 
 def window_order_np(grids: list[Grid] | tuple[Grid, ...], merge: int,

@@ -27,9 +27,7 @@ class AggWorker(Worker):
     async def handle_generate(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
         marks = Marks("?", "agg")
         with self.inflight():
-            req: GenerateRequest = self.parse(data, GenerateRequest)
-            marks.request_id = req.request_id
-            marks.mark("parse")
+            req: GenerateRequest = self.parse(data, GenerateRequest, marks)
             items = await self.image_items(req.images, marks)
             prompt_len, stream = await self.start_request(req, items, prefill_only=False)
             async for chunk in stream_deltas(self.loop_, req.request_id, stream, prompt_len,

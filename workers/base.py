@@ -300,8 +300,9 @@ class Worker:
         finally:
             self._inflight -= 1
 
-    def parse(self, data: bytes, expect: type) -> Any:
-        """Decode and check the request: a malformed message or another model is the caller's."""
+    def parse(self, data: bytes, expect: type, marks: Marks | None = None) -> Any:
+        """Decode and check the request: a malformed message or another model is the caller's.
+        ``marks`` (the request's timing) gets its id and a ``parse`` stage."""
         try:
             msg = decode(data, expect)
         except ProtocolError as exc:
@@ -313,6 +314,9 @@ class Worker:
         images = getattr(msg, "images", None)
         detail = "" if images is None else f" with {len(images)} image(s)"
         log.info("request %s: %s%s", getattr(msg, "request_id", "?"), expect.__name__, detail)
+        if marks is not None:
+            marks.request_id = getattr(msg, "request_id", "?")
+            marks.mark("parse")
         return msg
 
     async def handle_cancel(self, data: bytes) -> bytes:

@@ -34,9 +34,7 @@ class DecodeWorker(Worker):
     async def handle_decode(self, data: bytes, ctx: StreamContext) -> AsyncIterator[bytes]:
         marks = Marks("?", "decode")
         with self.inflight():
-            req: DecodeRequest = self.parse(data, DecodeRequest)
-            marks.request_id = req.request_id
-            marks.mark("parse")
+            req: DecodeRequest = self.parse(data, DecodeRequest, marks)
             await self._import_kv(req, marks)
             assert self.loop_ is not None
             try:

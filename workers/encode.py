@@ -28,9 +28,7 @@ class EncodeWorker(Worker):
     async def handle_encode(self, data: bytes) -> bytes:
         marks = Marks("?", "encode")
         with self.inflight():
-            req: EncodeRequest = self.parse(data, EncodeRequest)
-            marks.request_id = req.request_id
-            marks.mark("parse")
+            req: EncodeRequest = self.parse(data, EncodeRequest, marks)
             item = await self.media_item(req.media, marks)
             marks.mark("media")
             embeds = item.embeds.contiguous()

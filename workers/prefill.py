@@ -41,9 +41,7 @@ class PrefillWorker(Worker):
     async def handle_prefill(self, data: bytes) -> bytes:
         marks = Marks("?", "prefill")
         with self.inflight():
-            req: PrefillRequest = self.parse(data, PrefillRequest)
-            marks.request_id = req.request_id
-            marks.mark("parse")
+            req: PrefillRequest = self.parse(data, PrefillRequest, marks)
             items = await self.image_items(req.images, marks)
             out = await self._prefill(req, items, marks)
             reply = encode(self._respond(req, out))

@@ -27,6 +27,8 @@ _HELP = {
     "compile_vision": "torch.compile the vision blocks (CUDA only)",
     "stream_interval": "engine steps between two deltas of a stream; 0 = from the load (1 up to 32 "
                        "running requests, at most 4)",
+    "overlap_decode": "queue each decode step before reading the previous one's tokens, so host "
+                      "work overlaps the GPU's (CUDA only)",
     "vision_cuda_graphs": "run the vision tower through CUDA graphs, one per image-size signature (CUDA only)",
 }
 

@@ -66,6 +66,7 @@ class WorkerConfig:
     compile_lm: bool = True  # torch.compile the LM decoder layers (CUDA only)
     compile_vision: bool = True  # torch.compile the vision blocks (CUDA only)
     vision_cuda_graphs: bool = True  # the vision tower through CUDA graphs per image size (CUDA only)
+    overlap_decode: bool = True  # queue a decode step before reading the last one's tokens (CUDA only)
     embedding_cache_mb: float = 256.0
     handle_ttl_s: float = 60.0  # an unreleased embedding / KV handle is freed after this
     transfer_timeout_s: float = 10.0
@@ -106,7 +107,8 @@ class WorkerConfig:
             max_model_len=self.max_model_len, load_format=self.load_format,
             parts=ROLE_PARTS[self.role], attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs, compile_lm=self.compile_lm, compile_vision=self.compile_vision,
-            vision_cuda_graphs=self.vision_cuda_graphs)
+            vision_cuda_graphs=self.vision_cuda_graphs,
+            overlap_decode=None if self.overlap_decode else False)
 
 
 def default_attention_backend(device: str) -> str:

@@ -32,6 +32,8 @@ class EncodeWorker(Worker):
             item = await self.media_item(req.media, marks)
             marks.mark("media")
             embeds = item.embeds.contiguous()
+            if embeds.is_cuda:  # UCX reads it outside the stream: the tower must have finished
+                await self.loop_.call(_wait_for_device)
             key = f"emb-{req.request_id}-{uuid.uuid4().hex[:8]}"
             remote = self.agent.register(key, [embeds], ttl_s=self.cfg.handle_ttl_s or None)
             handle = EmbeddingHandle(
@@ -43,3 +45,10 @@ class EncodeWorker(Worker):
             marks.mark("register")
             marks.log()
             return reply
+
+
+def _wait_for_device(engine) -> None:
+    """On the engine thread: wait for the work queued there (the vision tower) to finish."""
+    import torch
+
+    torch.cuda.current_stream(engine.device).synchronize()

@@ -220,7 +220,7 @@ class EngineLoop:
             log.exception("engine.step failed; aborting %d active requests", len(self._streams))
             self._fail_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
-        if not outputs:
+        if not outputs and not getattr(self.engine, "in_flight", False):
             time.sleep(_IDLE_STEP_S)  # nothing came out (a chunk, or waiting for blocks): don't spin
         ready = []
         ended = time.perf_counter()

@@ -36,11 +36,13 @@ def prompts(tiny_gpu_qwen_dir) -> list[Prompt]:
             for t, ims in zip(TEXTS, images)]
 
 
-def run(model_dir, prompts, dtype="float32", backend="triton", graphs=True, max_tokens=24):
+def run(model_dir, prompts, dtype="float32", backend="triton", graphs=True, max_tokens=24,
+        overlap=None, sampling=None):
     cfg = EngineConfig(model=str(model_dir), device="cuda", dtype=dtype, attention_backend=backend,
-                       cuda_graphs=graphs, num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=96)
+                       cuda_graphs=graphs, num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=96,
+                       overlap_decode=overlap)
     engine = LLMEngine(cfg)
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    sampling = sampling or SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     results, _ = generate(engine, prompts, sampling)
     return engine, [r.token_ids for r in results]
 
@@ -85,3 +87,17 @@ def test_bf16_logits_close_to_float32(tiny_gpu_qwen_dir, prompts):
         outs[dtype] = logits.double()
     err = (outs["bfloat16"] - outs["float32"]).norm() / outs["float32"].norm()
     assert torch.isfinite(outs["bfloat16"]).all() and err < 5e-2
+
+
+def test_overlapped_decode_equals_stepwise(tiny_gpu_qwen_dir, prompts):
+    """Decode steps queued ahead (ids fed on the device) give the tokens of steps read one by one,
+    greedy and seeded, in bf16 through the graphs."""
+    for sampling in (SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                     SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)):
+        ahead, out = run(tiny_gpu_qwen_dir, prompts, dtype="bfloat16", sampling=sampling)
+        plain, ref = run(tiny_gpu_qwen_dir, prompts, dtype="bfloat16", sampling=sampling, overlap=False)
+        assert ahead.overlap_decode and not plain.overlap_decode
+        assert ahead.num_overlapped >= 30 and plain.num_overlapped == 0
+        assert ahead.runner.graphs.num_replays >= 30
+        assert out == ref
+        assert ahead.block_manager.num_free == 256

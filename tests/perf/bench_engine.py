@@ -181,12 +181,17 @@ def bench_decode_all(engine: LLMEngine, batches: list[int], eager_batches: list[
                      prompt_len: int, new_tokens: int) -> dict:
     bench_decode(engine, batches[0], prompt_len, 8)  # warm-up
     graphed = {b: bench_decode(engine, b, prompt_len, new_tokens) for b in batches}
+    overlap, engine.overlap_decode = engine.overlap_decode, False  # each step read before the next
+    try:
+        sequential = {b: bench_decode(engine, b, prompt_len, new_tokens) for b in batches}
+    finally:
+        engine.overlap_decode = overlap
     graphs, engine.runner.graphs = engine.runner.graphs, None
     try:
         eager = {b: bench_decode(engine, b, prompt_len, new_tokens) for b in eager_batches}
     finally:
         engine.runner.graphs = graphs
-    return {"graphs": graphed, "eager": eager}
+    return {"graphs": graphed, "graphs_no_overlap": sequential, "eager": eager}
 
 
 def replay_ms(engine: LLMEngine, buckets: list[int], context: int, repeat: int = 50) -> dict:
@@ -274,7 +279,7 @@ def print_lm(label: str, r: dict, ttft_text: int) -> None:
           f"prefill+sample {1e3 * t['prefill_s_median']:.1f} ms)")
     for mode, runs in r["decode"].items():
         for b, v in runs.items():
-            print(f"{label}decode {mode:6s} batch {b:>3}: {v['tokens_per_s']:9.1f} tokens/s "
+            print(f"{label}decode {mode:17s} batch {b:>3}: {v['tokens_per_s']:9.1f} tokens/s "
                   f"({v['ms_per_step']:.2f} ms/step)")
     rep = r.get("replay")
     if rep:

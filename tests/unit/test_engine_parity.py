@@ -32,9 +32,9 @@ class RecordingSampler(Sampler):
     def __init__(self) -> None:
         self.rows: list[torch.Tensor] = []
 
-    def __call__(self, logits, params, generators):
+    def sample(self, logits, params, generators):
         self.rows.extend(logits.clone())
-        return super().__call__(logits, params, generators)
+        return super().sample(logits, params, generators)
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,10 @@ class EngineConfig:
     # torch.compile the LM decoder layers (CUDA only, with a graph-safe backend such as "triton"):
     # fuses norms, rotary and the MLP's elementwise work; +20% decode tokens/s at batch 1.
     compile_lm: bool = True
+    # Queue each decode-only step before reading the previous one's tokens, so the host's work
+    # overlaps the device's (see LLMEngine). None: on for CUDA, off elsewhere (on a CPU nothing
+    # runs asynchronously, so it would only delay outputs); True/False force it (tests: True).
+    overlap_decode: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.model:

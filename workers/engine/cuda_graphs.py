@@ -136,28 +136,34 @@ class DecodeGraphs:
                 return False
         return True
 
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Hidden states [n, hidden] of the chunks' tokens (a view of the graph's static output)."""
+    def run(self, chunks: list[Chunk], token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [n, hidden] of the chunks' tokens (a view of the graph's static output).
+
+        ``token_ids`` [n] (device): the chunks' token ids when the host does not know them yet
+        (the step that samples them is still running; see LLMEngine's overlapped decode)."""
         n = len(chunks)
         bs = self.bucket_for(n)
         self._copied.synchronize()  # the previous step's H2D copies have read the mirrors
-        self._fill_host(chunks, bs)
+        self._fill_host(chunks, bs, token_ids is None)
         d, h = self.dev, self.host
         for name in ("ids", "positions", "slots", "seq_lens"):
             getattr(d, name).copy_(getattr(h, name), non_blocking=True)
         d.tables[:bs].copy_(h.tables[:bs], non_blocking=True)
         self._copied.record()
+        if token_ids is not None:  # device to device, in stream order after the sampling step
+            d.ids[:n].copy_(token_ids)
         graph, out = self.graphs[bs]
         graph.replay()
         self.num_replays += 1
         return out[:n]
 
-    def _fill_host(self, chunks: list[Chunk], bs: int) -> None:
+    def _fill_host(self, chunks: list[Chunk], bs: int, with_ids: bool = True) -> None:
         ids, pos, slots, lens, tables = (self._np[k] for k in ("ids", "positions", "slots", "seq_lens", "tables"))
         block = self.block_size
         for b, c in enumerate(chunks):
             req, p = c.req, c.start
-            ids[b] = req.token_ids[p]
+            if with_ids:
+                ids[b] = req.token_ids[p]
             pos[:, b] = self._position(req, p)
             slots[b] = req.block_ids[p // block] * block + p % block
             lens[b] = c.end

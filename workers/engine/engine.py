@@ -20,7 +20,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.request import (UNKNOWN_TOKEN, ExportedKV, MMItem, Request, Status,
                                     StepOutput, grid_of, image_hash)
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import Sampler, make_generator
+from workers.engine.sampler import Sampler, make_generator, small_tensor
 from workers.engine.scheduler import Scheduler
 from workers.models.loader import load_model
 
@@ -35,6 +35,8 @@ class StepStats:
     asynchronous, so host work); sample: sampling, which ends with the copy of the tokens to the
     host, so it includes waiting for the forward to finish; outputs: appending tokens, stop
     checks, StepOutputs. On CUDA a large ``sample`` share means the device bounds the step.
+    An overlapped decode step (see LLMEngine) counts its queueing as launch and the wait for the
+    previous step's tokens as sample.
     """
 
     steps: int = 0
@@ -45,10 +47,11 @@ class StepStats:
     sample_s: float = 0.0
     outputs_s: float = 0.0
 
-    def add(self, chunks: list, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+    def add(self, rows: int, tokens: int, t0: float, t1: float, t2: float, t3: float,
+            t4: float) -> None:
         self.steps += 1
-        self.rows += len(chunks)
-        self.tokens += sum(c.end - c.start for c in chunks)
+        self.rows += rows
+        self.tokens += tokens
         self.schedule_s += t1 - t0
         self.launch_s += t2 - t1
         self.sample_s += t3 - t2
@@ -67,8 +70,39 @@ class StepStats:
                 f"tokens per step; ms per step: " + " ".join(f"{k} {v:.2f}" for k, v in ms.items()))
 
 
+@dataclass
+class _Ahead:
+    """A decode step queued on the device whose tokens the host has not read yet.
+
+    ``tokens`` [N] (device) are the sampled ids, ``host`` their pinned copy, complete once
+    ``done`` has passed (None on CPU, where everything ran already). ``deferred``: KV blocks of
+    rows that finished or were aborted while the step could still write them, freed when it is
+    read."""
+
+    reqs: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: "torch.cuda.Event | None"
+    deferred: list[list[int]]
+    ids: frozenset[int]
+
+    def holds(self, req: Request) -> bool:
+        return id(req) in self.ids
+
+
 class LLMEngine:
-    """One model, one KV cache, one scheduler. Single-threaded."""
+    """One model, one KV cache, one scheduler. Single-threaded.
+
+    Overlapped decode (``EngineConfig.overlap_decode``, on by default on CUDA): a step that only
+    decodes is queued on the device and ``step()`` returns before its tokens are read; the next
+    ``step()`` queues the following decode step first, feeding it those tokens on the device,
+    and only then reads them. The host's work for one step (inputs, outputs, the worker's other
+    threads) thus runs while the device computes the previous one, instead of between steps. A
+    request that ends at a step (a stop token) has had one more step queued: its output is
+    dropped, and its KV blocks are freed only once that step is read. Requests that reach
+    ``max_tokens`` are known in advance and never get the extra step. New work (a request to
+    admit, an import, a prefill chunk) ends the overlap for one step.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -83,8 +117,13 @@ class LLMEngine:
         self.reserved: dict[str, list[int]] = {}  # blocks handed out by reserve_import
         self._ready: list[StepOutput] = []  # outputs produced outside step() (imports that end at once)
         self.num_preemptions = 0  # requests recomputed because blocks ran out (a metric)
+        self.num_overlapped = 0  # decode steps queued before the previous one was read (a metric)
         self.stats = StepStats()  # where step time goes (host vs waiting for the device)
         self.kv_cache: torch.Tensor | None = None
+        self._ahead: _Ahead | None = None  # the decode step queued and not read yet
+        self._read_at = 0.0  # when the last queued step's tokens were read (StepStats)
+        overlap = config.overlap_decode
+        self.overlap_decode = self.device.type == "cuda" if overlap is None else bool(overlap)
         if self.model.has_lm:
             self._init_lm()
 
@@ -117,6 +156,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(m, self.kv_cache, cfg.block_size, self.device)
         self.sampler = Sampler()
+        # Two pinned buffers for sampled ids, used in turn: one being read while the next fills.
+        pinned = self.device.type == "cuda"
+        self._token_bufs = [torch.empty(cfg.max_num_seqs, dtype=torch.long, pin_memory=pinned)
+                            for _ in range(2)]
+        self._token_buf = 0
         self.eos_ids = derived.eos_token_ids(cfg.model, m.hf_config)
         # A single request must always fit in the cache, or preempting it could never help.
         self.max_model_len = min(derived.max_model_len(cfg, m.hf_config), num_blocks * cfg.block_size)
@@ -238,13 +282,32 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def has_unfinished(self) -> bool:
-        return bool(self._ready) or (self.model.has_lm and self.scheduler.has_work())
+        return bool(self._ready) or self._ahead is not None or (
+            self.model.has_lm and self.scheduler.has_work())
+
+    @property
+    def in_flight(self) -> bool:
+        """A decode step is queued on the device; the next ``step()`` reads its tokens."""
+        return self._ahead is not None
 
     def step(self) -> list[StepOutput]:
-        """Schedule, run the model once, sample; one StepOutput per request that made progress."""
+        """Schedule, run the model once, sample; one StepOutput per request that made progress.
+
+        With overlapped decode the outputs of a decode step come from the next call (see the
+        class docstring): callers loop ``while has_unfinished(): step()``."""
         outputs, self._ready = self._ready, []
         if not self.model.has_lm:
             return outputs
+        prev = self._ahead
+        if prev is not None:
+            t0 = time.perf_counter()
+            self._ahead = self._queue_next(prev)  # before reading prev: it overlaps prev's compute
+            t2 = time.perf_counter()
+            outputs.extend(self._read_ahead(prev))
+            if self._ahead is not None:
+                n = len(self._ahead.reqs)
+                self.stats.add(n, n, t0, t0, t2, self._read_at, time.perf_counter())
+                return outputs
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
@@ -253,6 +316,13 @@ class LLMEngine:
         if not sched.chunks:
             return outputs
         t1 = time.perf_counter()
+        if self.overlap_decode and all(c.num_tokens == 1 and c.samples for c in sched.chunks):
+            reqs = [c.req for c in sched.chunks]
+            logits, _ = self.runner.execute(sched.chunks)
+            self._ahead = self._sample_ahead(reqs, logits)
+            t2 = time.perf_counter()
+            self.stats.add(len(reqs), len(reqs), t0, t1, t2, t2, t2)
+            return outputs
         logits, reqs = self.runner.execute(sched.chunks)
         for chunk in sched.chunks:
             chunk.req.num_computed = chunk.end
@@ -263,8 +333,76 @@ class LLMEngine:
             outputs.extend(self._on_token(r, t) for r, t in zip(reqs, tokens))
         else:
             t3 = t2
-        self.stats.add(sched.chunks, t0, t1, t2, t3, time.perf_counter())
+        self.stats.add(len(sched.chunks), sum(c.num_tokens for c in sched.chunks), t0, t1, t2, t3,
+                       time.perf_counter())
         return outputs
+
+    # ------------------------------------------------------------------ overlapped decode
+    def _sample_ahead(self, reqs: list[Request], logits: torch.Tensor) -> _Ahead:
+        """Queue sampling and the copy of the ids to the host; mark the fed tokens computed."""
+        for r in reqs:
+            r.num_computed += 1
+        tokens = self.sampler.sample(logits, [r.sampling for r in reqs], [r.generator for r in reqs])
+        buf = self._token_bufs[self._token_buf]
+        if buf.numel() < len(reqs):  # imported requests may run past max_num_seqs
+            buf = self._token_bufs[self._token_buf] = torch.empty(
+                2 * len(reqs), dtype=torch.long, pin_memory=buf.is_pinned())
+        host = buf[:len(reqs)]
+        self._token_buf ^= 1
+        done = None
+        if tokens.is_cuda:
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host.copy_(tokens)
+        return _Ahead(reqs, tokens, host, done, [], frozenset(id(r) for r in reqs))
+
+    def _queue_next(self, prev: _Ahead) -> _Ahead | None:
+        """Queue the decode step after ``prev`` (whose tokens are still on the device), or None
+        when the next step must be scheduled from scratch: work to admit or prefill, a request
+        outside ``prev``, no free block for a row."""
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return None
+        if any(not prev.holds(r) for r in sched.running):
+            return None
+        rows, keep = [], []
+        for i, r in enumerate(prev.reqs):
+            # Still running, and prev's token is not its last (max_tokens is known ahead).
+            if r.status is Status.RUNNING and not r.prefill_only and r.num_outputs + 1 < r.max_tokens:
+                if not self.block_manager.grow(r.block_ids, r.num_computed + 1):
+                    return None  # out of blocks: the scheduler preempts someone
+                rows.append(r)
+                keep.append(i)
+        if not rows:
+            return None
+        ids = prev.tokens
+        if len(keep) < len(prev.reqs):
+            ids = prev.tokens.index_select(0, small_tensor(keep, torch.long, self.device))
+        logits = self.runner.execute_ahead(rows, ids)
+        self.num_overlapped += 1
+        return self._sample_ahead(rows, logits)
+
+    def _read_ahead(self, step: _Ahead) -> list[StepOutput]:
+        """Wait for ``step``'s ids and turn them into outputs (rows gone meanwhile are skipped)."""
+        if step.done is not None:
+            step.done.synchronize()
+        self._read_at = time.perf_counter()
+        outputs = [self._on_token(r, t) for r, t in zip(step.reqs, step.host.tolist())
+                   if r.status is Status.RUNNING]
+        for blocks in step.deferred:
+            self.block_manager.free(blocks)
+        return outputs
+
+    def _free_blocks(self, req: Request) -> None:
+        """Free ``req``'s blocks now, or once the queued step that may still write them is read."""
+        if req.block_ids:
+            if self._ahead is not None and self._ahead.holds(req):
+                self._ahead.deferred.append(req.block_ids)
+            else:
+                self.block_manager.free(req.block_ids)
+        req.block_ids = []
 
     def _on_token(self, req: Request, token: int) -> StepOutput:
         reason = req.append_token(token)
@@ -276,8 +414,8 @@ class LLMEngine:
 
     def _finish(self, req: Request, reason: str, tokens: list[int]) -> StepOutput:
         self.scheduler.remove(req)
-        self.block_manager.free(req.block_ids)
-        req.block_ids, req.status = [], Status.FINISHED
+        self._free_blocks(req)
+        req.status = Status.FINISHED
         self.requests.pop(req.request_id, None)
         extras = {"rope_delta": req.rope_delta} if req.prefill_only else {}
         return StepOutput(req.request_id, tokens, True, reason, req.prompt_len, extras=extras)
@@ -355,8 +493,8 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.remove(req)
-        self.block_manager.free(req.block_ids)
-        req.block_ids, req.status = [], Status.FINISHED
+        self._free_blocks(req)
+        req.status = Status.FINISHED
         return True
 
 

@@ -44,7 +44,23 @@ class ModelRunner:
         """Run one step; logits [N, vocab] (float32) of the chunks that end their sequence."""
         if self.graphs is not None and self.graphs.can_run(chunks):  # decode: replay a CUDA graph
             return self.model.compute_logits(self.graphs.run(chunks)), [c.req for c in chunks]
-        batch = self.build(chunks)
+        return self._run_batch(self.build(chunks))
+
+    @torch.inference_mode()
+    def execute_ahead(self, reqs: list[Request], token_ids: torch.Tensor) -> torch.Tensor:
+        """Decode one token per request whose id is not on the host yet: ``token_ids`` [N] (on
+        the device, sampled by the step still running) is token ``num_computed`` of each request.
+        Returns logits [N, vocab]. Nothing here waits for the device."""
+        chunks = [Chunk(r, r.num_computed, r.num_computed + 1) for r in reqs]
+        if self.graphs is not None and self.graphs.bucket_for(len(chunks)) is not None:
+            return self.model.compute_logits(self.graphs.run(chunks, token_ids))
+        # Such a token is never a prompt placeholder: an image-token id sampled here embeds as
+        # text (no image rows are passed), as _generated_image_tokens gives it on the host path.
+        batch = self.build(chunks, token_ids)
+        logits, _ = self._run_batch(batch)
+        return logits
+
+    def _run_batch(self, batch: Batch) -> tuple[torch.Tensor | None, list[Request]]:
         hidden = self.model.forward(batch.input_ids, batch.positions, batch.attn, self.kv_cache,
                                     image_embeds=batch.image_embeds)
         if not batch.sample_reqs:
@@ -52,20 +68,27 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.sample_rows]), batch.sample_reqs
 
     # ------------------------------------------------------------------ batch building
-    def build(self, chunks: list[Chunk]) -> Batch:
-        ids: list[int] = []
-        for c in chunks:
-            ids.extend(c.req.token_ids[c.start:c.end])
+    def build(self, chunks: list[Chunk], token_ids: torch.Tensor | None = None) -> Batch:
+        """The batch of ``chunks``; ``token_ids`` (device, one per chunk) replaces the host ids of
+        single-token chunks whose token is not known yet (``execute_ahead``): all rows sample."""
         query_lens = [c.num_tokens for c in chunks]
         seq_lens = [c.end for c in chunks]
         ends = torch.tensor(query_lens).cumsum(0)
-        samples = [i for i, c in enumerate(chunks) if c.samples]
+        if token_ids is None:
+            ids: list[int] = []
+            for c in chunks:
+                ids.extend(c.req.token_ids[c.start:c.end])
+            token_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+            image_embeds = self._image_rows(chunks)
+            samples = [i for i, c in enumerate(chunks) if c.samples]
+        else:
+            image_embeds, samples = None, list(range(len(chunks)))
         dev = self.device
         return Batch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=token_ids,
             positions=torch.cat([c.req.chunk_positions(c.start, c.end) for c in chunks], dim=1).to(dev),
             attn=self._attention_metadata(chunks, query_lens, seq_lens),
-            image_embeds=self._image_rows(chunks),
+            image_embeds=image_embeds,
             sample_rows=(ends[samples] - 1).to(dev),
             sample_reqs=[chunks[i].req for i in samples],
         )

@@ -6,15 +6,17 @@ merges regions that are adjacent in memory into *runs*; a message is a byte rang
 stream. A side whose part of a message lies inside one run moves it zero-copy; otherwise it goes
 through one staging buffer (gather on the owner, scatter on the receiver).
 
-The plan keeps the number of messages at most ``max_ops`` whatever the number of regions, so the
-number of UCX operations per pull does not grow with layers x blocks.
+The receiver makes the plan from its own runs alone (it posts its receives before it asks, so
+it cannot wait for the owner's layout): at most ``max_ops`` messages whatever the number of
+regions, so the number of UCX operations per pull does not grow with layers x blocks.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +34,23 @@ class Run:
 
 @dataclass(frozen=True)
 class RegionMap:
-    """One side's regions: their byte views, logical offsets and merged runs."""
+    """One side's regions: the caller's tensors, their logical offsets and merged runs."""
 
-    views: tuple[torch.Tensor, ...]  # flat uint8 views of the caller's tensors (no copies)
+    tensors: tuple[torch.Tensor, ...]  # the caller's (contiguous); holding them keeps the memory
     offsets: tuple[int, ...]  # logical start of each region
-    sizes: tuple[int, ...]
+    sizes: tuple[int, ...]  # bytes
     runs: tuple[Run, ...]
     device: torch.device
 
     @property
     def total(self) -> int:
         return self.offsets[-1] + self.sizes[-1] if self.sizes else 0
+
+    @functools.cached_property
+    def views(self) -> tuple[torch.Tensor, ...]:
+        """Flat uint8 views of the tensors (no copies); made only when a gather or scatter
+        needs them: a view costs a torch dispatch, the zero-copy path needs only addresses."""
+        return tuple(t.reshape(-1).view(torch.uint8) for t in self.tensors)
 
     def bounds(self, limit: int) -> list[int] | None:
         """Logical offsets where a new run starts (0 excluded); None when more than ``limit``."""
@@ -51,28 +59,29 @@ class RegionMap:
         return [r.start for r in self.runs[1:]]
 
 
-def byte_view(t: torch.Tensor, what: str) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor's memory (shares storage, never copies)."""
+def _check(t: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_contiguous():
         raise ValueError(f"{what} must be contiguous (call .contiguous() on it first)")
     if t.numel() == 0:
         raise ValueError(f"{what} is empty; only non-empty tensors can be transferred")
-    return t.reshape(-1).view(torch.uint8)
 
 
 def region_map(tensors: Sequence[torch.Tensor], what: str) -> RegionMap:
     """Validate ``tensors`` (contiguous, non-empty, one device) and merge them into runs."""
     if len(tensors) == 0:
         raise ValueError(f"{what} is empty: give at least one tensor")
-    views = tuple(byte_view(t, f"{what}[{i}]") for i, t in enumerate(tensors))
-    devices = {v.device for v in views}
+    for i, t in enumerate(tensors):
+        _check(t, f"{what}[{i}]")
+    tensors = tuple(tensors)
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"{what} mixes devices {sorted(map(str, devices))}; use one device")
-    sizes = tuple(v.numel() for v in views)
+    sizes = tuple(t.nbytes for t in tensors)
     offsets = tuple(_prefix_sums(sizes))
-    return RegionMap(views, offsets, sizes, _merge_runs(views, offsets), views[0].device)
+    runs = _merge_runs([t.data_ptr() for t in tensors], sizes, offsets)
+    return RegionMap(tensors, offsets, sizes, runs, tensors[0].device)
 
 
 def _prefix_sums(sizes: Sequence[int]) -> list[int]:
@@ -83,10 +92,10 @@ def _prefix_sums(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _merge_runs(views: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[Run, ...]:
+def _merge_runs(ptrs: Sequence[int], sizes: Sequence[int],
+                offsets: Sequence[int]) -> tuple[Run, ...]:
     runs: list[Run] = []
-    for v, off in zip(views, offsets):
-        ptr, n = v.data_ptr(), v.numel()
+    for ptr, n, off in zip(ptrs, sizes, offsets):
         if runs and runs[-1].ptr + runs[-1].nbytes == ptr:
             last = runs[-1]
             runs[-1] = Run(last.start, last.ptr, last.nbytes + n)
@@ -95,26 +104,36 @@ def _merge_runs(views: Sequence[torch.Tensor], offsets: Sequence[int]) -> tuple[
     return tuple(runs)
 
 
-def make_plan(total: int, owner_bounds: list[int] | None, recv_bounds: list[int] | None,
-              max_ops: int) -> list[tuple[int, int]]:
-    """Byte ranges [start, end) of the messages, at most ``max_ops`` of them.
-
-    Both sides direct when their run boundaries together allow it; else the receiver's runs
-    (its side stays zero-copy, the owner gathers); else the owner's; else one staged message.
-    """
-    if owner_bounds is not None and recv_bounds is not None:
-        cuts = sorted(set(owner_bounds) | set(recv_bounds))
-        if len(cuts) + 1 <= max_ops:
-            return _segments(total, cuts)
-    for cuts in (recv_bounds, owner_bounds):
-        if cuts is not None and len(cuts) + 1 <= max_ops:
-            return _segments(total, cuts)
-    return [(0, total)]
-
-
 def _segments(total: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
     edges = [0, *cuts, total]
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def receiver_plan(rmap: RegionMap, max_ops: int) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of a pull's messages, made by the receiver from its own runs.
+
+    One message per receiver run while there are at most ``max_ops`` of them (the receiver's
+    side stays zero-copy; the owner gathers a message that spans several of its runs), else one
+    message through a staging buffer on the receiver.
+    """
+    cuts = rmap.bounds(max_ops - 1)
+    return _segments(rmap.total, cuts if cuts is not None else [])
+
+
+def plan_cuts(plan: Sequence[tuple[int, int]]) -> list[int]:
+    """The logical offsets where a plan's messages after the first start (the wire form)."""
+    return [start for start, _ in plan[1:]]
+
+
+def plan_from_cuts(total: int, cuts: Any, max_messages: int) -> list[tuple[int, int]]:
+    """The owner's check of a receiver's plan: increasing cuts inside (0, total), few enough."""
+    if not isinstance(cuts, list) or not all(type(c) is int for c in cuts):
+        raise ValueError("the plan's cuts must be a list of integers")
+    if len(cuts) + 1 > max_messages:
+        raise ValueError(f"the plan has {len(cuts) + 1} messages, at most {max_messages} allowed")
+    if any(not 0 < c < total for c in cuts) or any(a >= b for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"the plan's cuts must increase strictly inside (0, {total})")
+    return _segments(total, cuts)
 
 
 def direct_run(rmap: RegionMap, start: int, end: int) -> Run | None:
@@ -138,12 +157,56 @@ def pieces(rmap: RegionMap, start: int, end: int) -> list[tuple[torch.Tensor, in
     return out
 
 
+# CUDA memory that UCX reads or writes is outside torch's stream order, so it must never be in
+# use by queued kernels. Buffers UCX touches are therefore allocated on a stream of their own
+# (the caching allocator only reuses a block on the stream it was allocated for, so memory that
+# the engine's queued kernels still use is never handed out here), and gathers and scatters run
+# on it and are waited for before UCX or the pool gets the buffer. Waiting on that stream, not
+# the default one, keeps a pull from waiting behind the engine's queued steps.
+_TRANSFER_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def transfer_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of ``device`` for transfer buffers and copies (created on first use)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _TRANSFER_STREAMS.get(index)
+    if stream is None:
+        stream = _TRANSFER_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return stream
+
+
+def transfer_empty(shape: Sequence[int] | int, dtype: torch.dtype,
+                   device: torch.device | str) -> torch.Tensor:
+    """An empty tensor UCX may write into at once (CUDA: from the transfer stream's memory).
+
+    A CUDA tensor from here that other streams then use must be marked with
+    ``record_stream`` before it is dropped (see ``workers.base``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.empty(shape, dtype=dtype, device=device)
+    with torch.cuda.stream(transfer_stream(device)):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _copy_pieces(staging: torch.Tensor, copy: Callable[[], None]) -> None:
+    if not staging.is_cuda:
+        copy()
+        return
+    # No wait for the default stream: what is gathered was written by work that has finished
+    # (an engine step that was read, a tower the encoder waited for) and blocks scattered into
+    # are reserved ones no queued step touches; waiting would queue behind the engine's steps.
+    stream = transfer_stream(staging.device)
+    with torch.cuda.stream(stream):
+        copy()
+    stream.synchronize()  # UCX or the next pull may touch the buffer as soon as we return
+
+
 def gather(rmap: RegionMap, start: int, end: int, staging: torch.Tensor) -> None:
     """Copy [start, end) of the logical stream into ``staging`` (owner side)."""
-    for piece, at in pieces(rmap, start, end):
-        staging[at:at + piece.numel()].copy_(piece)
-    if staging.is_cuda:  # UCX reads the buffer outside torch's stream order
-        torch.cuda.current_stream(staging.device).synchronize()
+    def copy() -> None:
+        for piece, at in pieces(rmap, start, end):
+            staging[at:at + piece.numel()].copy_(piece)
+    _copy_pieces(staging, copy)
 
 
 class StagingPool:
@@ -164,7 +227,7 @@ class StagingPool:
             best = min(fits, key=lambda b: b.numel())
             self._free = [b for b in self._free if b is not best]
             return best
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return transfer_empty(nbytes, torch.uint8, device)
 
     def give(self, buf: torch.Tensor) -> None:
         held = sum(b.numel() for b in self._free)
@@ -174,8 +237,10 @@ class StagingPool:
 
 def scatter(rmap: RegionMap, start: int, staging: torch.Tensor) -> None:
     """Copy a received staging buffer into the regions it covers (receiver side)."""
-    for piece, at in pieces(rmap, start, start + staging.numel()):
-        piece.copy_(staging[at:at + piece.numel()])
+    def copy() -> None:
+        for piece, at in pieces(rmap, start, start + staging.numel()):
+            piece.copy_(staging[at:at + piece.numel()])
+    _copy_pieces(staging, copy)
 
 
 def sizes_rle(sizes: Sequence[int]) -> list[list[int]]:

@@ -5,8 +5,24 @@ Choices (measured, see docs/benchmarks and tests/perf/bench_transfer.py):
   busy-polls request completion with ``asyncio.sleep(0)``, which starves the progress thread on
   a small shared CPU.
 - A progress thread (epoll, not polling) drives UCX; posts go through delayed submission so only
-  that thread touches the UCP worker. Completions reach the event loop through ucxx's Python
-  futures, set by a small notifier thread: no polling in the event loop.
+  that thread touches the UCP worker. ucxx signals the worker when a post is registered, so the
+  progress thread picks it up at once, not at its 1 ms epoll timeout (measured: an explicit
+  ``ucp_worker_signal`` after each post changed nothing). Completions reach the event loop
+  through ucxx's Python futures, set by a small notifier thread that hands each batch to the
+  loop with one ``call_soon_threadsafe``: no polling in the event loop.
+- Thread safety: everything here runs on the agent's event loop, except
+  - the kicker thread (only ``ucp_worker_signal``, which UCX makes thread-safe);
+  - the notifier thread: ucxx's notifier API, then the ``on_ready`` hook, through which the
+    agent posts sends and receives (``send``, ``recv``, ``endpoint``, ``tensor_buffer``,
+    ``abandon_threadsafe``). ucxx guards what a post touches (futures pool, delayed
+    submissions, in-flight requests) with its own mutexes; the endpoint cache has a lock.
+    ``wait``, ``abandon``, ``poke``, ``forget`` and ``close`` stay on the loop.
+  Each completed request costs wake-ups of the progress thread, the notifier thread and the
+  loop; on the project's small VM each wake-up of an idle thread is tens of microseconds, so
+  a pull is built to need as few of them in sequence as possible (see common/transfer.py).
+- Waits look at the requests' asyncio futures only, never at ``UCXRequest.completed``: that
+  call releases the GIL, and on a busy 2-core machine reacquiring it often meant waiting for a
+  notifier thread (seen in profiles at tens of microseconds per call).
 - Endpoints are created from exchanged worker addresses with error handling OFF: only then does
   UCX use shared memory between processes (several GiB/s) instead of TCP. The price is that a
   dead peer never fails an operation, so every wait here takes a deadline.
@@ -41,7 +57,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -55,6 +71,7 @@ log = logging.getLogger("triad.transfer")
 
 _WAIT = ucx_api.PythonRequestNotifierWaitState
 _ENDPOINT_CLOSE_NS = 100_000_000  # bound on closing one endpoint (its peer may be dead)
+_EMPTY = bytearray(0)  # the payload of a poke (see UcxWorker.poke)
 # Shared-memory receive FIFO slots (UCX default 256 = 2 MiB of 8 KiB fragments); see above.
 # The UCX_MM_FIFO_SIZE environment variable wins; every process must use the same value.
 MM_FIFO_SIZE = 1024
@@ -97,12 +114,17 @@ class UcxWorker:
             feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
         self._worker = ucx_api.UCXWorker(
             self._ctx, enable_delayed_submission=True, enable_python_future=True)
-        if torch.cuda.is_available():
+        self._cuda_device = torch.cuda.current_device() if torch.cuda.is_available() else -1
+        if self._cuda_device >= 0:
             self._worker.set_progress_thread_start_callback(
-                _bind_cuda, cb_args=(torch.cuda.current_device(),))
+                _bind_cuda, cb_args=(self._cuda_device,))
         self._worker.populate_python_futures_pool()
         self._worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
         self._stop = threading.Event()
+        # Called on the notifier thread each time requests complete (and every 100 ms), before
+        # their futures are handed to the loop; must be quick and never block.
+        self.on_ready: Callable[[], None] | None = None
+        self._ep_lock = threading.Lock()  # endpoints are made on the loop and the notifier
         self._notifier = threading.Thread(target=self._notify_loop, name="ucx-notifier",
                                           daemon=True)
         self._notifier.start()
@@ -115,25 +137,45 @@ class UcxWorker:
     # ------------------------------------------------------------------ threads
 
     def _notify_loop(self) -> None:
-        """Hand completed requests' futures to the event loop (ucxx's notifier pattern)."""
+        """Hand completed requests' futures to the event loop (ucxx's notifier pattern).
+
+        ucxx sets the futures in ``run_request_notifier``, which must run on the loop (they are
+        plain asyncio futures): one ``call_soon_threadsafe`` per batch, then this thread waits
+        until it ran, so that its next wait does not see the same batch again.
+        """
         asyncio.set_event_loop(self._loop)  # the futures pool binds futures to this loop
+        if torch.cuda.is_available():  # on_ready may post sends of CUDA memory from here
+            _bind_cuda(self._cuda_device)
+        ran = threading.Event()
+
+        def deliver() -> None:
+            try:
+                self._worker.run_request_notifier()
+            finally:
+                ran.set()
+
         while True:  # exits once the worker reports Shutdown (that marks the notifier stopped)
             self._worker.populate_python_futures_pool()
             state = self._worker.wait_request_notifier(period_ns=100_000_000)
             if state == _WAIT.Shutdown:
                 break
-            if state == _WAIT.Ready and not self._stop.is_set():
-                self._run_notifier_on_loop()
-
-    def _run_notifier_on_loop(self) -> None:
-        try:
-            done = asyncio.run_coroutine_threadsafe(self._notify(), self._loop)
-            done.result(timeout=1.0)  # wait, so that the next wait does not see the same batch
-        except Exception as exc:  # loop closed or busy: the next round retries
-            log.debug("request notifier round failed: %r", exc)
-
-    async def _notify(self) -> None:
-        self._worker.run_request_notifier()
+            if self._stop.is_set():
+                continue
+            hook = self.on_ready
+            if hook is not None:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("UCX on_ready hook failed")
+            if state == _WAIT.Ready:
+                ran.clear()
+                try:
+                    self._loop.call_soon_threadsafe(deliver)
+                except RuntimeError as exc:  # the loop is closed: nothing left to notify
+                    log.debug("request notifier round failed: %r", exc)
+                    continue
+                if not ran.wait(1.0):  # the loop is busy: the next round retries
+                    log.debug("request notifier round not run within 1 s")
 
     # ------------------------------------------------------------------ endpoints and ops
 
@@ -145,9 +187,12 @@ class UcxWorker:
                 raw = base64.b64decode(address, validate=True)
             except ValueError as exc:
                 raise ValueError(f"not a base64 UCX worker address: {address[:40]!r}") from exc
-            ucx_addr = ucx_api.UCXAddress.create_from_buffer(raw)
-            ep = self._worker.create_endpoint_from_worker_address(ucx_addr, False)
-            self._eps[address] = ep
+            with self._ep_lock:
+                ep = self._eps.get(address)
+                if ep is None:
+                    ucx_addr = ucx_api.UCXAddress.create_from_buffer(raw)
+                    ep = self._worker.create_endpoint_from_worker_address(ucx_addr, False)
+                    self._eps[address] = ep
         return ep
 
     def forget(self, address: str) -> None:
@@ -155,7 +200,8 @@ class UcxWorker:
 
         The old endpoint is closed only at ``close()``: closing towards a dead peer can block.
         """
-        ep = self._eps.pop(address, None)
+        with self._ep_lock:
+            ep = self._eps.pop(address, None)
         if ep is not None:
             self._dead_eps.append(ep)
 
@@ -171,54 +217,79 @@ class UcxWorker:
     def send(self, address: str, buf: Array, tag: int) -> Any:
         return self.endpoint(address).tag_send(buf, ucx_api.UCXXTag(tag))
 
-    def recv(self, buf: Array, tag: int) -> Any:
-        """Receive a message with exactly ``tag`` from any peer into ``buf``."""
-        return self._worker.tag_recv(buf, ucx_api.UCXXTag(tag))
+    def recv(self, buf: Array, tag: int, mask: int | None = None) -> Any:
+        """Receive a message with exactly ``tag`` (or, with ``mask``, any tag ``t`` with
+        ``t & mask == tag``) from any peer into ``buf``."""
+        if mask is None:
+            return self._worker.tag_recv(buf, ucx_api.UCXXTag(tag))
+        return self._worker.tag_recv(buf, ucx_api.UCXXTag(tag), ucx_api.UCXXTagMask(mask))
 
-    async def wait(self, reqs: Sequence[Any], deadline: float, send_bytes: int = 0) -> bool:
+    async def wait(self, reqs: Sequence[Any], deadline: float, send_bytes: int = 0,
+                   until: Callable[[], bool] | None = None,
+                   watch: Sequence[asyncio.Future[Any]] = ()) -> bool:
         """Wait for ``reqs`` until ``deadline`` (monotonic); False on timeout, raise on error.
 
         ``send_bytes``: the data these sends carry. Above the receiver's FIFO capacity the
         progress thread is kicked while they are in flight (smaller ones never stall on it, and
-        measured slower with kicks).
+        measured slower with kicks). ``until``: checked after each completion of ``reqs`` or
+        of a future in ``watch``; when it returns True the wait ends at once (True), some of
+        ``reqs`` possibly still pending.
         """
-        futs = [r.future for r in reqs if not r.completed]
-        for f in futs:
-            f.add_done_callback(_consume)  # a future failed after we stopped waiting: no warning
-        if futs:
+        # Only the asyncio futures are looked at: a request's own ``completed`` releases the
+        # GIL, and on a busy small CPU each such call can wait for a notifier thread.
+        futs = [r.future for r in reqs]
+        pending = [f for f in futs if not f.done()]
+        if pending and until is not None and until():
+            for f in pending:
+                f.add_done_callback(_consume)  # a failure after we stopped waiting: no warning
+        elif pending:
             kicker = self._kicker if send_bytes > _fifo_bytes() else None
             if kicker is not None:
                 kicker.begin()
             try:
-                _, pending = await asyncio.wait(
-                    futs, timeout=max(0.0, deadline - time.monotonic()))
+                if not await _all_done(pending, deadline, until, watch):
+                    return False
             finally:
                 if kicker is not None:
                     kicker.end()
-            if pending:
-                return False
-        for r in reqs:
-            r.check_error()
+        errors = [f.exception() for f in futs if f.done() and not f.cancelled()]
+        for exc in errors:
+            if exc is not None:
+                raise exc
         return True
 
-    def abandon(self, reqs: Sequence[Any], recv_tags: Sequence[int], buffers: Any) -> None:
-        """After a timeout: complete our own pending receives with a 1-byte self-send.
+    def poke(self, recv_tags: Sequence[int]) -> list[Any]:
+        """Zero-byte messages to ourselves, one per tag: each completes one of our own posted
+        receives with that tag and writes nothing into its buffer (ucxx has no cancel)."""
+        return [self.send(self.address, Array(_EMPTY), tag) for tag in recv_tags]
 
-        ucxx exposes no per-request cancel; a matching message from ourselves retires a posted
-        receive so it can never write into memory the caller reuses. Buffers of still-pending
-        requests are kept alive here until ``close()``.
+    def abandon(self, reqs: Sequence[Any], recv_tags: Sequence[int], buffers: Any) -> None:
+        """Give up on ``reqs``: retire our pending receives among them (``recv_tags``, in the
+        order of ``reqs``) with ``poke``, and keep ``buffers`` alive while any is pending.
+
+        A retired receive may still be written into by a peer that matched it first, and a send
+        may still be read from: the buffers are kept (never reused) until all of them and the
+        pokes completed, or until ``close()``.
         """
-        poke = bytearray(1)
         for r in reqs:
             _detach(r)
-        for r, tag in zip(reqs, recv_tags):
-            if not r.completed:
-                _detach(self.send(self.address, Array(poke), tag))
-        self._parked.append((list(reqs), (buffers, poke)))
+        pending = [tag for r, tag in zip(reqs, recv_tags) if not r.completed]
+        pokes = self.poke(pending)
+        for p in pokes:
+            _detach(p)
         self._parked = [p for p in self._parked if not all(r.completed for r in p[0])]
+        self._parked.append(([*reqs, *pokes], buffers))
+
+    def abandon_threadsafe(self, reqs: Sequence[Any], buffers: Any) -> None:
+        """``abandon`` of sends, from another thread (done on the loop)."""
+        try:
+            self._loop.call_soon_threadsafe(self.abandon, list(reqs), [], buffers)
+        except RuntimeError:  # the loop is closed
+            pass
 
     async def close(self) -> None:
         """Cancel what is in flight, close endpoints, stop the threads."""
+        self.on_ready = None
         if self._kicker is not None:
             await asyncio.to_thread(self._kicker.stop)  # before the worker it signals goes
         self._worker.cancel_inflight_requests(period=_ENDPOINT_CLOSE_NS, max_attempts=1)
@@ -324,6 +395,56 @@ class _Kicker:
             while self._active > 0 and not self._stopped:
                 self._signal(self._handle)
                 time.sleep(self._interval_s)
+
+
+async def _all_done(futs: Sequence[asyncio.Future[Any]], deadline: float,
+                    until: Callable[[], bool] | None = None,
+                    watched: Sequence[asyncio.Future[Any]] = ()) -> bool:
+    """Wait until every future in ``futs`` is done or ``until()`` holds (checked as any of
+    ``futs`` or ``watched`` completes): True; or until ``deadline`` (monotonic): False.
+
+    ``asyncio.wait`` with less work per wake-up: one waiter, one timer, no sets. The futures
+    are never cancelled; a failure in ``futs`` we stopped waiting for is consumed (no warning).
+    """
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    left = len(futs)
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if (left == 0 or (until is not None and until())) and not waiter.done():
+            waiter.set_result(True)
+
+    def check(_: asyncio.Future[Any]) -> None:
+        if until is not None and until() and not waiter.done():
+            waiter.set_result(True)
+
+    for f in futs:
+        f.add_done_callback(one_done)
+    for f in watched:
+        f.add_done_callback(check)
+    timer = None
+    if deadline != float("inf"):
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiter)
+    try:
+        return await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for f in watched:
+            f.remove_done_callback(check)
+        for f in futs:
+            if f.done():
+                _consume(f)
+            else:
+                f.remove_done_callback(one_done)
+                f.add_done_callback(_consume)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _detach(req: Any) -> None:

@@ -95,9 +95,9 @@ async def test_kv_blocks_into_other_block_ids(agent: TransferAgent, peer: PeerPr
         src = rng.sample(range(200), n)  # scattered on the owner too: it gathers
         dst = rng.sample(range(200), n)
         counts[n] = await _pull_kv(agent, peer, f"kv{n}", src, dst)
-    assert counts[16] == counts[128] == (1, 2), counts
+    assert counts[16] == counts[128] == (1, 1), counts  # 1 data receive + the request
     # Contiguous on both sides: zero-copy, one message; a few runs: one message per run.
-    assert await _pull_kv(agent, peer, "run", list(range(40, 168)), list(range(0, 128))) == (1, 2)
+    assert await _pull_kv(agent, peer, "run", list(range(40, 168)), list(range(0, 128))) == (1, 1)
     three_runs = [*range(0, 40), *range(100, 140), *range(150, 198)]
     ops, _ = await _pull_kv(agent, peer, "runs3", list(range(0, 128)), three_runs)
     assert ops == 3 <= max_ops
@@ -151,13 +151,45 @@ async def test_ttl_expiry_then_unknown_key_is_fast(agent: TransferAgent, peer: P
 
 async def test_size_mismatch_is_value_error(agent: TransferAgent, peer: PeerProc) -> None:
     await peer.call(cmd="register", key="s", spec={"kind": "flat", "nbytes": 1000, "seed": 5})
+    posted = agent.stats.pull_data_ops
+    dst = torch.full((999,), 0xA5, dtype=torch.uint8)
     with pytest.raises(ValueError, match="dst\\[0\\] has 999 bytes"):
-        await agent.pull(peer.address, "s", [torch.empty(999, dtype=torch.uint8)])
+        await agent.pull(peer.address, "s", [dst])
+    halves = [torch.full((500,), 0xA5, dtype=torch.uint8) for _ in range(2)]
     with pytest.raises(ValueError, match="holds 1 tensors, dst has 2"):
-        await agent.pull(peer.address, "s", [torch.empty(500, dtype=torch.uint8)] * 2)
-    with pytest.raises(ValueError, match="contiguous"):
+        await agent.pull(peer.address, "s", halves)
+    # The receives were posted before the owner answered; its error reply retired them with
+    # zero-byte messages: nothing landed in dst.
+    assert agent.stats.pull_data_ops == posted + 3
+    assert all(bool((t == 0xA5).all()) for t in (dst, *halves))
+    with pytest.raises(ValueError, match="contiguous"):  # refused before anything is posted
         await agent.pull(peer.address, "s", [torch.empty(20, 50, dtype=torch.uint8).t()])
-    assert agent.stats.pull_data_ops == 0  # nothing moved
+    assert agent.stats.pull_data_ops == posted + 3
+    assert agent.stats.pulls == 0 and agent.stats.timeouts == 0
+
+
+async def test_error_replies_leave_dst_untouched_and_the_agent_working(
+        agent: TransferAgent, peer: PeerProc) -> None:
+    """Pre-posted receives (direct and staged) retired by an error reply write nothing, and
+    the same data worker serves the next pulls (no timeout, no retired worker)."""
+    spec = {"kind": "pieces", "nbytes": [4096] * 12, "gap": 64, "seed": 12}  # > max_ops runs
+    await peer.call(cmd="register", key="e", spec=spec)
+    data_worker = agent._data
+    for key, dst in (("missing", make_regions(spec, fill=False)),  # unknown key, 12 regions
+                     ("missing", [torch.empty(2 << 20, dtype=torch.uint8)]),  # one direct
+                     ("e", [torch.empty(4096 * 12 + 1, dtype=torch.uint8)])):  # size mismatch
+        for t in dst:
+            t.fill_(0x5A)
+        with pytest.raises((UnknownKey, ValueError)):
+            await agent.pull(peer.address, key, dst, timeout=5)
+        assert all(bool((t == 0x5A).all()) for t in dst)
+    assert agent.stats.timeouts == 0 and agent._data is data_worker
+    for _ in range(3):
+        out = make_regions(spec, fill=False)
+        await agent.pull(peer.address, "e", out)
+        assert digest(out) == digest(make_regions(spec))
+    assert agent._data is data_worker
+    assert await agent.release(peer.address, "e")
 
 
 async def test_fifo_size_mismatch_is_a_clear_error(agent: TransferAgent) -> None:
@@ -165,9 +197,10 @@ async def test_fifo_size_mismatch_is_a_clear_error(agent: TransferAgent) -> None
     odd = await PeerProc.start(env={"UCX_MM_FIFO_SIZE": "256"})
     try:
         await odd.call(cmd="register", key="f", spec={"kind": "flat", "nbytes": 4096, "seed": 2})
+        dst = torch.full((4096,), 7, dtype=torch.uint8)
         with pytest.raises(TransferError, match="UCX_MM_FIFO_SIZE differs: this owner uses 256"):
-            await agent.pull(odd.address, "f", [torch.empty(4096, dtype=torch.uint8)], timeout=5)
-        assert agent.stats.pull_data_ops == 0 and agent.stats.timeouts == 0
+            await agent.pull(odd.address, "f", [dst], timeout=5)
+        assert agent.stats.timeouts == 0 and bool((dst == 7).all())
     finally:
         await odd.stop()
 
@@ -204,10 +237,9 @@ async def test_peer_killed_during_one_large_message(agent: TransferAgent, peer: 
         spec = {"kind": "flat", "nbytes": 256 << 20, "seed": 11}
         await dying.call(cmd="register", key="huge", spec=spec, timeout=60.0)
         dst = [torch.zeros(256 << 20, dtype=torch.uint8)]
-        posted = agent.stats.pull_data_ops
         pull = asyncio.ensure_future(agent.pull(dying.address, "huge", dst, timeout=3.0))
-        while agent.stats.pull_data_ops == posted and not pull.done():
-            await asyncio.sleep(0.001)  # the owner's reply came: its data is on the way
+        while not dst[0][:8192].any() and not pull.done():
+            await asyncio.sleep(0.0005)  # the first bytes landed: the rest is on the way
         dying.kill()
         with pytest.raises(TransferTimeout):
             await pull
@@ -237,3 +269,35 @@ async def test_concurrent_pulls_from_two_receivers(agent: TransferAgent,
         for reply, expected in zip(per_peer, want):
             assert reply["sha256"] == [expected] * 4
     assert agent.stats.served_pulls == 16
+
+
+async def test_pull_after_owner_restart(agent: TransferAgent) -> None:
+    """An owner dies and comes back (a new process, a new address): pulls from the dead one
+    time out, pulls from the new one work, and so does the agent's next data worker."""
+    spec = {"kind": "flat", "nbytes": 64 << 10, "seed": 13}
+    first = await PeerProc.start()
+    try:
+        await first.call(cmd="register", key="r", spec=spec)
+        dst = torch.empty(64 << 10, dtype=torch.uint8)
+        await agent.pull(first.address, "r", [dst])
+        assert torch.equal(dst, make_regions(spec)[0])
+        first.kill()
+        await first.proc.wait()
+        dst.fill_(0)
+        with pytest.raises(TransferTimeout):
+            await agent.pull(first.address, "r", [dst], timeout=1.0)
+        assert agent.stats.timeouts == 1
+    finally:
+        first.kill()
+        await first.proc.wait()
+    second = await PeerProc.start()
+    try:
+        await second.call(cmd="register", key="r", spec=spec)
+        for _ in range(3):
+            out = torch.empty(64 << 10, dtype=torch.uint8)
+            await agent.pull(second.address, "r", [out])
+            assert torch.equal(out, make_regions(spec)[0])
+        assert await agent.release(second.address, "r")
+        assert (await second.call(cmd="state"))["stats"]["served_pulls"] == 3
+    finally:
+        await second.stop()

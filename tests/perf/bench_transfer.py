@@ -2,6 +2,8 @@
 
     .venv/bin/python tests/perf/bench_transfer.py [--sizes-mib 1 4 16 64 256] [--runs 5]
         [--pairs 1] [--cpus 0]
+    .venv/bin/python tests/perf/bench_transfer.py --latency [--latency-kib 4 256 2048]
+        [--runs 200] [--gap-ms 0]
 
 Prints, per size, the median and best pull time as GiB/s next to an in-process memcpy of the
 same size (the ceiling on this machine), then a KV-cache pull (28 layers x 128 blocks): with
@@ -12,6 +14,11 @@ with the UCX operation counts of each.
 median over pairs and how many pairs fell below ``--slow-gibs``), the way to count how often
 the slow mode shows. ``--cpus 0`` pins both processes to those CPUs (``--cpus 0`` = one core:
 the worst case for the shared-memory pipeline, see common/transfer_ucx.py).
+
+``--latency`` measures the fixed cost of a pull instead: per size (``--latency-kib``,
+contiguous on both sides), ``--runs`` sequential pulls (default 200) after a warm-up, printed
+as p50 / p90 / min in microseconds with the UCX operations per pull; ``--gap-ms`` idles
+before each pull, as in serving (threads asleep, caches cold).
 """
 
 from __future__ import annotations
@@ -137,6 +144,41 @@ async def bench_kv(agent: TransferAgent, peer: PeerProc, runs: int) -> None:
         await agent.release(peer.address, name)
 
 
+async def bench_latency(agent: TransferAgent, peer: PeerProc, sizes_kib: list[int],
+                        runs: int, gap_s: float) -> None:
+    """Sequential pulls of small contiguous tensors: the fixed cost of one pull.
+
+    ``gap_s`` > 0 idles between pulls, as in serving: every thread on the path is asleep when a
+    pull starts, and its caches are cold.
+    """
+    print(f"{'size':>9} {'p50 us':>8} {'p90 us':>8} {'min us':>8}   UCX ops per pull")
+    for kib in sizes_kib:
+        nbytes = kib << 10
+        key = f"lat{kib}"
+        await peer.call(cmd="register", key=key, spec={"kind": "flat", "nbytes": nbytes,
+                                                        "seed": kib}, timeout=120.0)
+        dst = [torch.zeros(nbytes, dtype=torch.uint8)]
+        for _ in range(max(20, -(-WARMUP_BYTES // nbytes))):  # endpoint, cold FIFO slots
+            await agent.pull(peer.address, key, dst)
+        s0 = (agent.stats.pulls, agent.stats.pull_data_ops, agent.stats.pull_control_ops)
+        times = []
+        for _ in range(runs):
+            if gap_s:
+                await asyncio.sleep(gap_s)
+            t0 = time.perf_counter()
+            await agent.pull(peer.address, key, dst)
+            times.append(time.perf_counter() - t0)
+        pulls = agent.stats.pulls - s0[0]
+        ops = ((agent.stats.pull_data_ops - s0[1]) / pulls,
+               (agent.stats.pull_control_ops - s0[2]) / pulls)
+        us = sorted(t * 1e6 for t in times)
+        ok = torch.equal(dst[0], make_regions({"kind": "flat", "nbytes": nbytes, "seed": kib})[0])
+        print(f"{kib:>5} KiB {us[len(us) // 2]:>8.0f} {us[int(len(us) * 0.9)]:>8.0f} "
+              f"{us[0]:>8.0f}   {ops[0]:g} data + {ops[1]:g} control; bit-exact: {ok}",
+              flush=True)
+        await agent.release(peer.address, key)
+
+
 async def start_pair(kick_us: float) -> tuple[TransferAgent, PeerProc]:
     agent = TransferAgent(TransferConfig(op_timeout_s=60.0, kick_interval_us=kick_us))
     await agent.start()
@@ -150,19 +192,34 @@ async def start_pair(kick_us: float) -> tuple[TransferAgent, PeerProc]:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, help="pulls per size (default 5; 200 with --latency)")
+    ap.add_argument("--latency", action="store_true",
+                    help="fixed cost per pull: p50/p90/min of sequential small pulls")
+    ap.add_argument("--latency-kib", type=int, nargs="+", default=[4, 256, 2048],
+                    help="sizes for --latency, KiB")
+    ap.add_argument("--gap-ms", type=float, default=0.0,
+                    help="with --latency: idle this long before each pull (as in serving)")
     ap.add_argument("--pairs", type=int, default=1, help="fresh process pairs (>1: summary)")
     ap.add_argument("--slow-gibs", type=float, default=2.0, help="count pairs below this")
     ap.add_argument("--cpus", type=int, nargs="+", help="pin both processes to these CPUs")
     ap.add_argument("--kick-us", type=float, default=TransferConfig.kick_interval_us,
                     help="TransferConfig.kick_interval_us of both agents (0: no kicker)")
     args = ap.parse_args()
+    if args.runs is None:
+        args.runs = 200 if args.latency else 5
     if args.cpus:
         os.sched_setaffinity(0, set(args.cpus))  # the peer process inherits it
     if args.pairs > 1:
         await bench_pairs(args.sizes_mib, args.runs, args.pairs, args.slow_gibs, args.kick_us)
         return
     agent, peer = await start_pair(args.kick_us)
+    if args.latency:
+        try:
+            await bench_latency(agent, peer, args.latency_kib, args.runs, args.gap_ms / 1e3)
+        finally:
+            await peer.stop()
+            await agent.close()
+        return
     try:
         await bench_sizes(agent, peer, args.sizes_mib, args.runs)
         await bench_kv(agent, peer, args.runs)

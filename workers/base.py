@@ -368,6 +368,7 @@ class Worker:
     async def pull_embedding(self, handle: EmbeddingHandle, marks: Marks | None = None) -> Any:
         """Pull an encoder's embedding into a tensor of our own, then tell the owner to free it."""
         from common.transfer import TransferError
+        from common.transfer_plan import transfer_empty
         from workers.engine.request import MMItem
 
         if self.agent is None:
@@ -375,13 +376,16 @@ class Worker:
         dtype = getattr(torch, handle.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise client_error(400, f"embedding handle has unknown dtype {handle.dtype!r}")
-        dst = torch.empty(tuple(handle.shape), dtype=dtype, device=self.engine.device)  # pulled in place
+        # Pulled in place, into memory no queued kernel uses (see common.transfer_plan).
+        dst = transfer_empty(tuple(handle.shape), dtype, self.engine.device)
         started = time.perf_counter()
         try:
             await self.agent.pull(handle.owner.ucx_address, handle.key, [dst])
         except (TransferError, ValueError) as exc:
             raise RemoteError(503, "unavailable", f"pulling embedding {handle.key} from "
                               f"{handle.owner.instance_id} failed: {exc}") from exc
+        if dst.is_cuda:  # the engine reads it on its stream: free it only after that work
+            dst.record_stream(torch.cuda.current_stream(dst.device))
         if marks is not None:
             marks.note("emb_pull", (time.perf_counter() - started) * 1e3)
             marks.note("emb_mb", dst.numel() * dst.element_size() / 2**20)

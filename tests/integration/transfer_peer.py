@@ -50,13 +50,24 @@ def make_regions(spec: dict[str, Any], fill: bool = True) -> list[torch.Tensor]:
     {"kind": "kv", "num_blocks", "block_shape", "dtype", "block_ids", "seed"}: KV blocks of a
     block-major cache; block b of the whole cache holds bytes derived from ``seed``.
     {"kind": "pieces", "nbytes": [...], "gap", "seed"}: separate tensors with gaps between.
+    Any spec may add ``"device"`` (e.g. "cuda"): the same bytes, in that device's memory.
     """
     if spec["kind"] == "flat":
-        return [make_tensor(spec["seed"], spec["nbytes"]) if fill
-                else torch.empty(spec["nbytes"], dtype=torch.uint8)]
-    if spec["kind"] == "kv":
-        return _kv_blocks(spec, fill)
-    return _pieces(spec, fill)
+        out = [make_tensor(spec["seed"], spec["nbytes"]) if fill
+               else torch.empty(spec["nbytes"], dtype=torch.uint8)]
+    elif spec["kind"] == "kv":
+        out = _kv_blocks(spec, fill)
+    else:
+        out = _pieces(spec, fill)
+    device = spec.get("device", "cpu")
+    if device == "cpu":
+        return out
+    if spec["kind"] == "flat":
+        return [out[0].to(device)]
+    # Keep the views of one allocation (runs): move the whole base, then take the same views.
+    base = out[0]._base if out[0]._base is not None else out[0]
+    moved = base.to(device)
+    return [moved.as_strided(t.shape, t.stride(), t.storage_offset()) for t in out]
 
 
 def _kv_blocks(spec: dict[str, Any], fill: bool) -> list[torch.Tensor]:
@@ -83,7 +94,7 @@ def _pieces(spec: dict[str, Any], fill: bool) -> list[torch.Tensor]:
 def digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
-        h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+        h.update(memoryview(t.contiguous().view(-1).view(torch.uint8).cpu().numpy()))
     return h.hexdigest()
 
 
@@ -144,8 +155,11 @@ class PeerProc:
 class MidwayAgent(TransferAgent):
     """Serves the first message of a pull, then stalls (for killing a peer mid-transfer)."""
 
-    async def _send_plan(self, peer: str, tid: int, rmap: Any, plan: list[tuple[int, int]]) -> None:
-        await super()._send_plan(peer, tid, rmap, plan[:1])
+    def _start_sends(self, peer: str, tid: int, rmap: Any, plan: list[tuple[int, int]]) -> Any:
+        return super()._start_sends(peer, tid, rmap, plan[:1])
+
+    async def _finish_sends(self, peer: str, entry: Any, sends: Any) -> None:
+        await super()._finish_sends(peer, entry, sends)  # the first message has been sent
         _emit({"midway": True})
         await asyncio.sleep(3600)
 

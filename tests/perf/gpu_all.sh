@@ -26,12 +26,16 @@ setup_python() {  # the serve wheels give the engine's pydantic too; ucxx for E/
             --target /tmp/site .whl/serve/*.whl && touch "$stamp"
     fi
     export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+    if [ -f .whl/ucx/ucxsite.tar.xz ]; then  # ucxx + libucx (CUDA 13): tests/gpu/test_gpu_transfer.py
+        [ -d /tmp/ucxsite ] || { mkdir -p /tmp/ucxsite && tar -xJf .whl/ucx/ucxsite.tar.xz -C /tmp/ucxsite; }
+        export PYTHONPATH="$PYTHONPATH:/tmp/ucxsite"
+    fi
 }
 
 step_tests() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$RESULTS/gpu.txt"
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$RESULTS/gpu.txt"
-    timeout "$(( $(left) - 30 ))" python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/gpu \
+    timeout "$(( $(left) - 30 ))" python3 -m pytest -q -x -rA -p no:cacheprovider -o addopts="" tests/gpu \
         2>&1 | tee "$RESULTS/gpu-tests.log" | tail -n 15
 }
 

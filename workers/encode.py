@@ -11,6 +11,7 @@ Handler steps (``handle_encode``):
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from common.protocol import (EmbeddingHandle, EncodeRequest, EncodeResponse, Role,
@@ -18,12 +19,50 @@ from common.protocol import (EmbeddingHandle, EncodeRequest, EncodeResponse, Rol
 from common.timing import Marks
 from workers.base import Worker
 
+_POLL_S = 0.0002  # how often the loop checks that a tower has finished, while one is pending
+
+
+class _DeviceWaiter:
+    """Waits for work queued on the device's stream without blocking the loop or the engine
+    thread: ``await done(device)`` records an event and one poller task checks the pending
+    events (in stream order, so the oldest first) every ``_POLL_S`` while any is pending.
+
+    Blocking the engine thread instead (one sync per image) serialised the encoder: at 128
+    concurrent images it doubled the encode time (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._poller: asyncio.Task | None = None
+
+    async def done(self, device) -> None:
+        """The event is recorded after this image's tower: the engine thread had queued it
+        (and its result reached us) before, on the same stream."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((event, fut))
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        await fut
+
+    async def _poll(self) -> None:
+        while self._pending:
+            while self._pending and self._pending[0][0].query():
+                _, fut = self._pending.pop(0)
+                if not fut.done():
+                    fut.set_result(None)
+            if self._pending:
+                await asyncio.sleep(_POLL_S)
+
 
 class EncodeWorker(Worker):
     role = Role.ENCODE
     unary_endpoints = ("encode",)
     uses_transfer = True
     publishes_card = False  # the LM side publishes what the frontend needs
+    _device = _DeviceWaiter()  # one per process (its futures live on the worker's loop)
 
     async def handle_encode(self, data: bytes) -> bytes:
         marks = Marks("?", "encode")
@@ -33,7 +72,7 @@ class EncodeWorker(Worker):
             marks.mark("media")
             embeds = item.embeds.contiguous()
             if embeds.is_cuda:  # UCX reads it outside the stream: the tower must have finished
-                await self.loop_.call(_wait_for_device)
+                await self._device.done(embeds.device)
             key = f"emb-{req.request_id}-{uuid.uuid4().hex[:8]}"
             remote = self.agent.register(key, [embeds], ttl_s=self.cfg.handle_ttl_s or None)
             handle = EmbeddingHandle(
@@ -47,8 +86,3 @@ class EncodeWorker(Worker):
             return reply
 
 
-def _wait_for_device(engine) -> None:
-    """On the engine thread: wait for the work queued there (the vision tower) to finish."""
-    import torch
-
-    torch.cuda.current_stream(engine.device).synchronize()

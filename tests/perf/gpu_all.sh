@@ -18,18 +18,10 @@ mkdir -p "$OUT" "$RESULTS"
 left() { echo $(( DEADLINE_EPOCH - $(date +%s) )); }
 say() { echo "[gpu_all $(date +%H:%M:%S) left $(left)s] $*"; }
 
-setup_python() {  # the serve wheels give the engine's pydantic too; ucxx for E/P/D
-    local stamp
-    stamp="/tmp/site/.triad-$(ls .whl/serve | md5sum | cut -c1-12)"
-    if ls .whl/serve/*.whl >/dev/null 2>&1 && [ ! -f "$stamp" ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/serve/*.whl && touch "$stamp"
-    fi
-    export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-    if [ -f .whl/ucx/ucxsite.tar.xz ]; then  # ucxx + libucx (CUDA 13): tests/gpu/test_gpu_transfer.py
-        [ -d /tmp/ucxsite ] || { mkdir -p /tmp/ucxsite && tar -xJf .whl/ucx/ucxsite.tar.xz -C /tmp/ucxsite; }
-        export PYTHONPATH="$PYTHONPATH:/tmp/ucxsite"
-    fi
+setup_python() {  # the serve wheels give the engine's pydantic too; ucxx for E/P/D and tests
+    . tests/perf/gpu_env.sh
+    gpu_python_path python3 || say "installing the carried wheels failed"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 }
 
 step_tests() {

@@ -51,17 +51,8 @@ LAUNCH_PID=""
 say() { echo "[gpu_serve $(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
 install_wheels() {
-    if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/serve/*.whl >/dev/null 2>&1; then
-        local stamp
-        stamp="/tmp/site/.triad-$(ls .whl/serve | md5sum | cut -c1-12)"  # once per wheel set
-        [ -f "$stamp" ] || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --upgrade --target /tmp/site .whl/serve/*.whl && touch "$stamp"; } || return 1  # ~10 s
-        export PYTHONPATH=/tmp/site
-    fi
-    if [ -z "${SKIP_WHEELS:-}" ] && [ -f .whl/ucx/ucxsite.tar.xz ]; then  # ucxx + libucx (CUDA 13)
-        [ -d /tmp/ucxsite ] || { mkdir -p /tmp/ucxsite && tar -xJf .whl/ucx/ucxsite.tar.xz -C /tmp/ucxsite; } || return 1
-        export PYTHONPATH=/tmp/ucxsite${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    . tests/perf/gpu_env.sh
+    gpu_python_path "$PY" || return 1
     if [ -n "${PY_SWITCH_INTERVAL:-}" ]; then
         mkdir -p /tmp/triad-swi
         echo "import sys; sys.setswitchinterval($PY_SWITCH_INTERVAL)" >/tmp/triad-swi/sitecustomize.py

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -83,11 +83,18 @@ class _Ahead:
     tokens: torch.Tensor
     host: torch.Tensor
     done: "torch.cuda.Event | None"
-    deferred: list[list[int]]
-    ids: frozenset[int]
+    deferred: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._ids = frozenset(id(r) for r in self.reqs)
 
     def holds(self, req: Request) -> bool:
-        return id(req) in self.ids
+        return id(req) in self._ids
+
+    def wait(self) -> None:
+        """Until the sampled ids are on the host."""
+        if self.done is not None:
+            self.done.synchronize()
 
 
 class LLMEngine:
@@ -121,7 +128,6 @@ class LLMEngine:
         self.stats = StepStats()  # where step time goes (host vs waiting for the device)
         self.kv_cache: torch.Tensor | None = None
         self._ahead: _Ahead | None = None  # the decode step queued and not read yet
-        self._read_at = 0.0  # when the last queued step's tokens were read (StepStats)
         overlap = config.overlap_decode
         self.overlap_decode = self.device.type == "cuda" if overlap is None else bool(overlap)
         if self.model.has_lm:
@@ -303,10 +309,12 @@ class LLMEngine:
             t0 = time.perf_counter()
             self._ahead = self._queue_next(prev)  # before reading prev: it overlaps prev's compute
             t2 = time.perf_counter()
+            prev.wait()
+            t3 = time.perf_counter()
             outputs.extend(self._read_ahead(prev))
             if self._ahead is not None:
                 n = len(self._ahead.reqs)
-                self.stats.add(n, n, t0, t0, t2, self._read_at, time.perf_counter())
+                self.stats.add(n, n, t0, t0, t2, t3, time.perf_counter())
                 return outputs
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
@@ -356,7 +364,7 @@ class LLMEngine:
             done.record()
         else:
             host.copy_(tokens)
-        return _Ahead(reqs, tokens, host, done, [], frozenset(id(r) for r in reqs))
+        return _Ahead(reqs, tokens, host, done)
 
     def _queue_next(self, prev: _Ahead) -> _Ahead | None:
         """Queue the decode step after ``prev`` (whose tokens are still on the device), or None
@@ -385,10 +393,7 @@ class LLMEngine:
         return self._sample_ahead(rows, logits)
 
     def _read_ahead(self, step: _Ahead) -> list[StepOutput]:
-        """Wait for ``step``'s ids and turn them into outputs (rows gone meanwhile are skipped)."""
-        if step.done is not None:
-            step.done.synchronize()
-        self._read_at = time.perf_counter()
+        """``step``'s ids (waited for) as outputs; rows gone meanwhile are skipped."""
         outputs = [self._on_token(r, t) for r, t in zip(step.reqs, step.host.tolist())
                    if r.status is Status.RUNNING]
         for blocks in step.deferred:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU tests + engine benchmark, in one go on a CUDA machine (the lent H100: see docs/gpu-notes.md).
+# GPU tests + engine benchmark, in one go on a CUDA machine (the lent GPU: see docs/gpu-notes.md).
 #   tests/perf/gpu_check.sh [bench_engine.py args...]
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu_out.
 # Packages the GPU image lacks (pydantic, for common.protocol; ucxx) travel in .whl/serve and

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Serving benchmark on a CUDA machine (the lent H100): the agg topology through HTTP, with the
+# Serving benchmark on a CUDA machine (the lent GPU): a topology through HTTP, with the
 # Qwen2.5-VL-7B shapes in bf16 and dummy weights, measured by the project's bench client.
 #   tests/perf/gpu_serve.sh            # everything; results in $OUT (the device tool's folder)
 # Steps:
-#   1. install the Python packages the GPU image lacks from wheels carried in .whl/serve
-#      (fastapi, uvicorn, pydantic, nats-py, etcd3aio, grpcio, protobuf, ...) into /tmp/site;
+#   1. put the Python packages the GPU image lacks on PYTHONPATH (tests/perf/gpu_env.sh): wheels
+#      carried in .whl/serve (fastapi, uvicorn, pydantic, nats-py, etcd3aio, grpcio, protobuf, ...)
+#      installed into /tmp/site, and ucxx for CUDA from .whl/ucx (E/P/D);
 #   2. unpack etcd and nats-server carried gzip-compressed in .whl/bin onto PATH;
 #   3. write the weightless 7B model dir (tools/configs/dummy_model_dir.py);
-#   4. start launch/agg.sh (its own etcd + NATS on free ports) and wait until it is ready;
+#   4. start launch/$LAUNCHER.sh (its own etcd + NATS on free ports) and wait until it is ready;
 #   5. bench client: (a) TTFT, 1 image 512x512 + 1000 text tokens, 16 out, concurrency 1;
 #      (b) throughput, 1000 text tokens in / 1000 out, concurrency 64 and 128;
 #      (c) as (b) with 1 image 512x512 per request, if time is left;
@@ -21,13 +22,8 @@
 #   every Python process, through a sitecustomize on PYTHONPATH);
 # for a CPU dry run: PY=.venv/bin/python SKIP_WHEELS=1 DEVICE_ARGS="--device cpu" CONFIG=<tiny config>
 #   SIZE_ARGS="--max-num-seqs 8 --kv-cache-mb 64" (SIZE_ARGS replaces the engine sizing flags).
-# The carried folders (git-ignored; ~27 MB; device tool: carry=[".whl/serve", ".whl/bin"]):
-#   pip download --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       --platform manylinux1_x86_64 -d .whl/serve fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 \
-#       httptools==0.9.0 pydantic==2.14.3 pydantic_core==2.50.4 nats-py==2.16.0 etcd3aio==0.3.0 \
-#       grpcio==1.85.1 protobuf==7.36.2
-#   mkdir -p .whl/bin; gzip -c /usr/bin/etcd >.whl/bin/etcd.gz; gzip -c .venv/bin/nats-server >.whl/bin/nats-server.gz
+# The carried folders (git-ignored; ~32 MB; device tool: carry=[".whl/serve", ".whl/bin",
+#   ".whl/ucx"]) are made here by tests/perf/make_device_bundle.sh.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
